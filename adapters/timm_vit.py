@@ -1,0 +1,259 @@
+"""timm VisionTransformer family: ViT, DeiT (also distilled), registers, LayerScale, q/k norm.
+
+Hook point: every ``Block``, after attention and before the MLP. The merge metric is the keys
+the block's attention already computes (averaged over heads), attention stays on
+``F.scaled_dot_product_attention`` with proportional attention as an additive float mask, and
+all prefix tokens (class, distillation, registers) are protected and stay in front.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tokred.adapters.base import Adapter, restore_class, swap_class
+from tokred.flops import FlopsReport, attention_flops, conv_flops, linear_flops
+from tokred.plan import Plan, follow
+from tokred.reducers.base import Reducer
+from tokred.trace import LayerRecord, Trace
+
+POOLS = ("", "token", "avg", "avgmax", "max", "map")
+
+
+def _original(module_class: type) -> type:
+    return getattr(module_class, "_tokred_original_class", module_class)
+
+
+def attention_with_keys(attn: nn.Module, x: Tensor, bias: Tensor | None, need_keys: bool) -> tuple[Tensor, Tensor | None]:
+    """timm ``Attention.forward`` with an additive bias, also returning the keys averaged over heads."""
+    batch, num_tokens, _ = x.shape
+    gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
+    qkv = attn.qkv(x).reshape(batch, num_tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    if attn.fused_attn:
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=attn.attn_drop.p if attn.training else 0.0)
+    else:
+        scores = (q * attn.scale) @ k.transpose(-2, -1)
+        if bias is not None:
+            scores = scores + bias
+        x = attn.attn_drop(scores.softmax(dim=-1)) @ v
+    x = x.transpose(1, 2).reshape(batch, num_tokens, attn.num_heads * attn.head_dim)
+    x = attn.norm(x)
+    if gate is not None:
+        x = x * gate
+    x = attn.proj_drop(attn.proj(x))
+    return x, (k.mean(dim=1) if need_keys else None)
+
+
+class _Run:
+    """Token bookkeeping of one forward: sizes, patch-to-token map and the trace."""
+
+    def __init__(self, batch: int, num_prefix: int, grid: tuple[int, int] | None):
+        self.trace = Trace(batch_size=batch, num_prefix=num_prefix, grid=grid)
+        self.size: Tensor | None = None  # (B, N, 1), created by the first merge
+        self.source_map: Tensor | None = None
+        self.reduced = False
+
+    def start(self, x: Tensor) -> None:
+        batch, num_tokens = x.shape[:2]
+        self.source_map = torch.arange(num_tokens, device=x.device).expand(batch, num_tokens)
+
+    def attention_bias(self) -> Tensor | None:
+        """log(size) as an additive attention mask (B, 1, 1, N), or None while all sizes are 1."""
+        return None if self.size is None else self.size[..., 0].log()[:, None, None, :]
+
+    def apply(self, plan: Plan, x: Tensor) -> Tensor:
+        if plan.merges or self.size is not None:
+            size = self.size if self.size is not None else x.new_ones(*x.shape[:2], 1)
+            x, self.size = plan.weighted_mean(x, size)
+        else:
+            x = plan.select(x)
+        self.source_map = follow(self.source_map, plan)
+        self.reduced = True
+        return x
+
+    def weighted_mean(self, x: Tensor, start: int) -> Tensor:
+        size = self.size[:, start:]
+        return (x[:, start:] * size).sum(dim=1) / size.sum(dim=1)
+
+
+class _BlockMixin:
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        adapter = self._tokred_adapter
+        if adapter.run is None:  # called outside VisionTransformer.forward_features
+            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+        return adapter.block_forward(self, x, attn_mask, is_causal)
+
+
+class _ViTMixin:
+    def forward_features(self, x: Tensor, *args, **kwargs) -> Tensor:
+        adapter = self._tokred_adapter
+        adapter.begin(x)
+        try:
+            out = super().forward_features(x, *args, **kwargs)
+        except BaseException:
+            adapter.run = None
+            raise
+        adapter.end()
+        return out
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        self._tokred_adapter.head_mode = "pre_logits" if pre_logits else "logits"
+        return super().forward_head(x, pre_logits=pre_logits)
+
+    def pool(self, x: Tensor, pool_type: str | None = None) -> Tensor:
+        run = self._tokred_adapter.last_run
+        if run is None or run.size is None or x.shape[1] != run.size.shape[1]:
+            return super().pool(x, pool_type)
+        return self._tokred_adapter.weighted_pool(x, pool_type, run)
+
+
+class TimmViTAdapter(Adapter):
+    family = ("timm VisionTransformer (ViT, DeiT, distilled DeiT, register, LayerScale and q/k-norm "
+              "variants built from timm Block and Attention)")
+    stages = ("vision",)
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        from timm.models.vision_transformer import VisionTransformer
+
+        return isinstance(model, VisionTransformer)
+
+    def __init__(self, model: nn.Module, reducers: dict[str, Reducer]):
+        super().__init__(model, reducers)
+        from timm.layers import Attention
+        from timm.models.vision_transformer import Block
+
+        for i, block in enumerate(model.blocks):
+            if not issubclass(_original(type(block)), Block) or _original(type(block)).forward is not Block.forward:
+                raise TypeError(f"block {i} of {type(model).__name__} is a {_original(type(block)).__name__}; "
+                                "tokred's timm adapter supports blocks of timm's Block class (pre-norm ViT blocks)")
+            if type(block.attn).forward is not Attention.forward:
+                raise TypeError(f"block {i} uses {type(block.attn).__name__}; tokred's timm adapter supports "
+                                "timm's Attention module")
+        if model.global_pool not in POOLS:
+            raise ValueError(f"global_pool='{model.global_pool}' is not supported; supported: {POOLS}")
+        if model.attn_pool is not None and getattr(model.attn_pool, "pos_embed", None) is not None and reducers:
+            raise ValueError("the attention-pool head has its own fixed-length position embedding, "
+                             "so tokens cannot be reduced before it")
+        self.reducer = reducers.get("vision")
+        self.depth = len(model.blocks)
+        if self.reducer is not None:
+            self.reducer.check(self.depth)
+        self.num_prefix = model.num_prefix_tokens
+        self.run: _Run | None = None
+        self.last_run: _Run | None = None
+        self.head_mode: str | None = None
+
+    # patching -----------------------------------------------------------------------------
+    def patch(self) -> None:
+        swap_class(self.model, _ViTMixin)
+        self.model._tokred_adapter = self
+        for i, block in enumerate(self.model.blocks):
+            swap_class(block, _BlockMixin)
+            block._tokred_adapter = self
+            block._tokred_layer = i
+
+    def unpatch(self) -> None:
+        for block in self.model.blocks:
+            restore_class(block)
+            del block._tokred_adapter, block._tokred_layer
+        restore_class(self.model)
+        del self.model._tokred_adapter
+
+    # forward ------------------------------------------------------------------------------
+    def begin(self, images: Tensor) -> None:
+        grid = None
+        if images.dim() == 4 and hasattr(self.model.patch_embed, "dynamic_feat_size"):
+            grid = tuple(self.model.patch_embed.dynamic_feat_size(tuple(images.shape[-2:])))
+        self.run = _Run(images.shape[0], self.num_prefix, grid)
+        self.head_mode = None
+
+    def end(self) -> None:
+        run = self.run
+        trace = run.trace
+        trace.sizes = run.size[..., 0] if run.size is not None else None
+        self.trace, self.last_run, self.run = trace, run, None
+
+    def block_forward(self, block: nn.Module, x: Tensor, attn_mask: Tensor | None, is_causal: bool) -> Tensor:
+        run = self.run
+        layer = block._tokred_layer
+        if layer == 0 or run.source_map is None:
+            run.start(x)
+        requested = self.reducer.removes(layer, self.depth) if self.reducer is not None else 0
+        if (attn_mask is not None or is_causal) and (requested or run.reduced):
+            raise ValueError("tokred cannot reduce tokens when an attention mask or causal attention is "
+                             "passed to the ViT blocks")
+        bias = run.attention_bias() if self.reducer is not None and self.reducer.proportional_attention else None
+        record = LayerRecord("vision", layer, tokens_in=x.shape[1], tokens_out=x.shape[1], requested=requested)
+        if not requested and bias is None:
+            x = _original(type(block)).forward(block, x, attn_mask=attn_mask, is_causal=is_causal)
+        else:
+            y, keys = attention_with_keys(block.attn, block.norm1(x), bias, need_keys=requested > 0)
+            x = x + block.drop_path1(block.ls1(y))
+            if requested:
+                plan = self.reducer.plan(layer, self.depth, keys, self.num_prefix)
+                removed = plan.num_inputs - plan.num_outputs
+                if removed < requested:
+                    run.trace.notes.append(f"vision block {layer}: asked to remove {requested} tokens, "
+                                           f"capped at {removed} (only {plan.num_inputs} tokens, "
+                                           f"{self.num_prefix} protected)")
+                if removed:
+                    record.reducer_flops = self.reducer.overhead_flops(*keys.shape[:2], keys.shape[2], self.num_prefix)
+                    x = run.apply(plan, x)
+            x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+        record.tokens_out = x.shape[1]
+        run.trace.layers.append(record)
+        run.trace.source_maps.append(run.source_map)
+        return x
+
+    def weighted_pool(self, x: Tensor, pool_type: str | None, run: _Run) -> Tensor:
+        """The model's pooling with every token weighted by how many patches it stands for."""
+        model = self.model
+        start = 0 if model.pool_include_prefix else self.num_prefix
+        if model.attn_pool is not None:
+            return model.attn_pool(x[:, start:], attn_mask=run.size[:, start:, 0].log()[:, None, None, :])
+        pool_type = model.global_pool if pool_type is None else pool_type
+        if pool_type == "avg":
+            return run.weighted_mean(x, start)
+        if pool_type == "avgmax":
+            return 0.5 * (x[:, start:].amax(dim=1) + run.weighted_mean(x, start))
+        return _original(type(model)).pool(model, x, pool_type)  # token, max, none: sizes do not matter
+
+    # FLOPs --------------------------------------------------------------------------------
+    def flops(self, trace: Trace) -> FlopsReport:
+        model, batch = self.model, trace.batch_size
+        report = FlopsReport()
+        proj = getattr(model.patch_embed, "proj", None)
+        if isinstance(proj, nn.Conv2d) and trace.grid is not None:
+            report.add("vision", "patch_embed", conv_flops(proj, batch, trace.grid))
+        for record in trace.layers:
+            block = model.blocks[record.layer]
+            attn = block.attn
+            tokens, kept = record.tokens_in, record.tokens_out
+            flops = linear_flops(attn, batch * tokens)
+            flops += attention_flops(batch, attn.num_heads, tokens, tokens, attn.head_dim)
+            flops += record.reducer_flops + linear_flops(block.mlp, batch * kept)
+            report.add("vision", f"block{record.layer}", flops)
+        if self.head_mode is not None:
+            report.add("vision", "head", self._head_flops(trace))
+        return report
+
+    def _head_flops(self, trace: Trace) -> int:
+        model, batch = self.model, trace.batch_size
+        flops = 0
+        pool = model.attn_pool
+        if pool is not None and not hasattr(model, "head_dist"):
+            tokens = trace.final_tokens - (0 if model.pool_include_prefix else self.num_prefix)
+            latents = pool.latent_len
+            flops += linear_flops(pool.q, batch * latents) + linear_flops(pool.kv, batch * tokens)
+            flops += attention_flops(batch, pool.num_heads, latents, tokens, pool.head_dim)
+            flops += linear_flops(pool.proj, batch * latents)
+            if pool.mlp is not None:
+                flops += linear_flops(pool.mlp, batch * latents)
+        if self.head_mode == "logits":
+            flops += linear_flops(model.head, batch)
+            if getattr(model, "head_dist", None) is not None:
+                flops += linear_flops(model.head_dist, batch)
+        return flops

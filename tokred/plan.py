@@ -1,0 +1,83 @@
+"""Plans: how N tokens become M tokens, applied the same way to everything aligned with them.
+
+A :class:`Plan` lists, per image, the input tokens that survive (``keep``, in output order)
+and, for merging, the input tokens folded into a survivor (``src``) together with the output
+position they fold into (``dst``). A keep-only plan prunes; a plan with ``src``/``dst`` merges.
+Every reducer returns a plan and every adapter applies plans through the functions here, so
+there is exactly one gather / scatter-merge implementation in tokred.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+def _expand(index: Tensor, like: Tensor) -> Tensor:
+    """Broadcast a (B, K) index over the trailing dimensions of ``like`` (B, N, ...)."""
+    return index.view(*index.shape, *([1] * (like.dim() - 2))).expand(*index.shape, *like.shape[2:])
+
+
+@dataclass
+class Plan:
+    """How each image's N input tokens become M output tokens.
+
+    Attributes:
+        keep: (B, M) input index of every output token, in output order.
+        src: (B, R) input indices merged into another token, or None for a pure keep plan.
+        dst: (B, R) output position (0 <= dst < M) each ``src`` token merges into.
+        num_inputs: N, the number of input tokens.
+    """
+
+    keep: Tensor
+    num_inputs: int
+    src: Tensor | None = None
+    dst: Tensor | None = None
+
+    @property
+    def num_outputs(self) -> int:
+        return self.keep.shape[1]
+
+    @property
+    def merges(self) -> bool:
+        return self.src is not None and self.src.shape[1] > 0
+
+    def select(self, x: Tensor) -> Tensor:
+        """Output tokens' own entries of ``x`` (B, N, ...): positions, masks, ids."""
+        return x.gather(1, _expand(self.keep, x))
+
+    def sum(self, x: Tensor) -> Tensor:
+        """Sum of ``x`` (B, N, ...) over the input tokens each output token stands for."""
+        out = self.select(x)
+        if self.merges:
+            out = out.scatter_add(1, _expand(self.dst, x), x.gather(1, _expand(self.src, x)))
+        return out
+
+    def weighted_mean(self, x: Tensor, size: Tensor) -> tuple[Tensor, Tensor]:
+        """Size-weighted mean of ``x`` (B, N, C) per output token, and the summed sizes (B, M, 1)."""
+        if not self.merges:
+            return self.select(x), self.select(size)
+        out_size = self.sum(size)
+        return self.sum(x * size) / out_size, out_size
+
+    def destinations(self) -> Tensor:
+        """(B, N) output position each input token ends up in, or -1 if it was dropped."""
+        batch = self.keep.shape[0]
+        dest = self.keep.new_full((batch, self.num_inputs), -1)
+        positions = torch.arange(self.num_outputs, device=self.keep.device).expand(batch, -1)
+        dest.scatter_(1, self.keep, positions)
+        if self.merges:
+            dest.scatter_(1, self.src, self.dst)
+        return dest
+
+
+def follow(source_map: Tensor, plan: Plan) -> Tensor:
+    """Update a (B, N0) map from original patches to current tokens through ``plan``.
+
+    Entries are current token indices, -1 for patches whose token was pruned.
+    """
+    dest = plan.destinations()
+    covered = source_map >= 0
+    moved = dest.gather(1, source_map.clamp(min=0))
+    return torch.where(covered, moved, source_map)

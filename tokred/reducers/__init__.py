@@ -1,0 +1,5 @@
+"""Reducers: small config objects plus pure algorithms on tensors."""
+from tokred.reducers.base import STAGES, Reducer
+from tokred.reducers.tome import ToMe, bipartite_soft_matching
+
+__all__ = ["STAGES", "Reducer", "ToMe", "bipartite_soft_matching"]

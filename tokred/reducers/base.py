@@ -1,0 +1,37 @@
+"""The reducer interface: a small config object plus a pure algorithm on tensors."""
+from __future__ import annotations
+
+from typing import ClassVar
+
+from torch import Tensor
+
+from tokred.plan import Plan
+
+STAGES = ("vision", "projector", "llm")
+
+
+class Reducer:
+    """Base class of every reducer.
+
+    A reducer never touches an ``nn.Module``: an adapter hands it the signal it needs and
+    applies the :class:`~tokred.plan.Plan` it returns.
+    """
+
+    stage: ClassVar[str]
+    #: add log(token size) to attention logits of later layers (ToMe's proportional attention)
+    proportional_attention: bool = False
+
+    def check(self, num_layers: int) -> None:
+        """Raise ``ValueError`` if this reducer cannot act on a stage with ``num_layers`` layers."""
+
+    def removes(self, layer: int, num_layers: int) -> int:
+        """How many tokens the reducer is asked to remove at ``layer`` (0: it does not act)."""
+        raise NotImplementedError
+
+    def overhead_flops(self, batch: int, num_tokens: int, dim: int, num_protected: int) -> int:
+        """FLOPs of the reducer's own matmuls when it plans on (batch, num_tokens, dim) keys."""
+        return 0
+
+    def plan(self, layer: int, num_layers: int, keys: Tensor, num_protected: int) -> Plan:
+        """Plan for ``layer`` from the attention keys averaged over heads, (B, N, D)."""
+        raise NotImplementedError
