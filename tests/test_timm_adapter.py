@@ -1,0 +1,272 @@
+"""ToMe on timm ViTs: against a slow reference forward, identities, variants, dtypes, bad input."""
+import copy
+
+import pytest
+import timm
+import torch
+from timm.models.deit import VisionTransformerDistilled
+from timm.models.vision_transformer import ResPostBlock
+from torch import nn
+
+import tokred
+from helpers import brute_force_merge, tiny_vit
+
+VARIANTS = {
+    "vit": {},
+    "layerscale": dict(init_values=0.1),
+    "qk_norm": dict(qk_norm=True),
+    "registers": dict(reg_tokens=4),
+    "no_class_token_avg": dict(class_token=False, global_pool="avg"),
+    "avgmax_with_class": dict(global_pool="avgmax"),
+    "scale_norm": dict(scale_attn_norm=True, init_values=0.2),
+}
+
+
+def distilled_vit():
+    torch.manual_seed(0)
+    return VisionTransformerDistilled(img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=3,
+                                      num_classes=7).eval()
+
+
+def build(name):
+    return distilled_vit() if name == "distilled" else tiny_vit(**VARIANTS[name])
+
+
+def reference_forward(model, images, schedule, prop_attn=True):
+    """ToMe written out with the model's own sub-modules: manual softmax attention, LayerScale,
+    q/k norm, brute-force matching per image, size-weighted pooling."""
+    x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
+    batch, protected = x.shape[0], model.num_prefix_tokens
+    size = torch.ones(batch, x.shape[1], 1)
+    for r, block in zip(schedule, model.blocks):
+        attn, h = block.attn, block.norm1(x)
+        n = h.shape[1]
+        q, k, v = attn.qkv(h).view(batch, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        logits = q @ k.transpose(-1, -2) * attn.scale
+        if prop_attn:
+            logits = logits + size.log()[:, None, None, :, 0]
+        y = (logits.softmax(-1) @ v).transpose(1, 2).reshape(batch, n, -1)
+        x = x + block.ls1(attn.proj(attn.norm(y)))
+        if r:
+            merged = [brute_force_merge(k.mean(1)[i], x[i], size[i], r, protected) for i in range(batch)]
+            x, size = torch.stack([m[0] for m in merged]), torch.stack([m[1] for m in merged])
+        x = x + block.ls2(block.mlp(block.norm2(x)))
+    x = model.norm(x)
+    if isinstance(model, VisionTransformerDistilled):
+        return (model.head(x[:, 0]) + model.head_dist(x[:, 1])) / 2
+    tokens, weights = x[:, protected:], size[:, protected:]
+    mean = (tokens * weights).sum(1) / weights.sum(1)
+    pooled = {"token": x[:, 0], "avg": mean, "avgmax": 0.5 * (tokens.amax(1) + mean)}[model.global_pool]
+    return model.head(model.fc_norm(pooled))
+
+
+@pytest.mark.parametrize("name", [*VARIANTS, "distilled"])
+@pytest.mark.parametrize("r", [6, [10, 0, 7, 30]])
+def test_matches_reference_forward(name, r, images):
+    model = build(name)
+    schedule = r if isinstance(r, list) else [r] * 4
+    with torch.no_grad():
+        want = reference_forward(model, images, schedule)
+        tokred.apply(model, tokred.ToMe(r=r))
+        got = model(images)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    trace = tokred.last_trace(model)
+    assert trace.sizes.sum(1).eq(64 + model.num_prefix_tokens).all()
+    prefix = model.num_prefix_tokens
+    assert trace.sizes[:, :prefix].eq(1).all()  # protected tokens never merge and stay in front
+    assert trace.source_maps[-1][:, :prefix].eq(torch.arange(prefix)).all()
+
+
+def test_without_proportional_attention(images):
+    model = tiny_vit()
+    with torch.no_grad():
+        want = reference_forward(model, images, [5] * 4, prop_attn=False)
+        tokred.apply(model, tokred.ToMe(r=5, prop_attn=False))
+        torch.testing.assert_close(model(images), want, atol=2e-5, rtol=1e-4)
+
+
+def test_unfused_attention_path(images):
+    model = tiny_vit(init_values=0.3)
+    for block in model.blocks:
+        block.attn.fused_attn = False
+    with torch.no_grad():
+        want = reference_forward(model, images, [6] * 4)
+        tokred.apply(model, tokred.ToMe(r=6))
+        torch.testing.assert_close(model(images), want, atol=2e-5, rtol=1e-4)
+
+
+def _expand_by_size(x, size):
+    """Repeat every token as many times as its size (one image)."""
+    return x.repeat_interleave(size.long().flatten(), dim=0)
+
+
+def test_proportional_attention_equals_duplicated_tokens():
+    """A token of size s must attend and be attended like s copies of itself: the defining
+    property of proportional attention, checked on the attention-pool (MAP) head."""
+    model = tiny_vit(global_pool="map", class_token=False)
+    torch.manual_seed(3)
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        tokred.apply(model, tokred.ToMe(r=8))
+        features = model.forward_features(images)
+        pooled = model.forward_head(features, pre_logits=True)
+        sizes = tokred.last_trace(model).sizes
+        for i in range(2):
+            expanded = _expand_by_size(features[i], sizes[i])[None]
+            torch.testing.assert_close(pooled[i], model.attn_pool(expanded)[0], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", [*VARIANTS, "distilled"])
+def test_r0_and_no_reducer_are_bit_identical(name, images):
+    model = build(name)
+    with torch.no_grad():
+        want = model(images)
+        for reducers in [(tokred.ToMe(r=0),), ()]:
+            tokred.apply(model, *reducers)
+            assert torch.equal(model(images), want)
+            assert tokred.last_trace(model).tokens() == [64 + model.num_prefix_tokens] * 4
+
+
+def test_remove_restores_bit_for_bit(images):
+    model = tiny_vit(init_values=0.1)
+    classes = [type(m) for m in model.modules()]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        want = model(images)
+        tokred.apply(model, tokred.ToMe(r=8))
+        assert not torch.equal(model(images), want)
+        tokred.remove(model)
+        assert torch.equal(model(images), want)
+    assert [type(m) for m in model.modules()] == classes
+    assert not any(k.startswith("_tokred") for m in model.modules() for k in vars(m))
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_apply_twice_replaces_and_applied_restores(images):
+    model = tiny_vit()
+    with torch.no_grad():
+        tokred.apply(model, tokred.ToMe(r=8))
+        tokred.apply(model, tokred.ToMe(r=2))
+        assert sum(issubclass(c, nn.Module) and c.__name__.startswith("Tokred") for c in type(model.blocks[0]).__mro__) == 1
+        model(images)
+        assert tokred.last_trace(model).tokens() == [63, 61, 59, 57]
+        with tokred.applied(model, tokred.ToMe(r=4)):
+            model(images)
+            assert tokred.last_trace(model).tokens() == [61, 57, 53, 49]
+        assert tokred.reducers_of(model) == (tokred.ToMe(r=2),)
+        unpatched = tiny_vit()
+        with tokred.applied(unpatched, tokred.ToMe(r=4)):
+            pass
+        assert type(unpatched) is timm.models.vision_transformer.VisionTransformer
+
+
+def test_batch_equals_images_one_by_one():
+    torch.manual_seed(5)
+    images = torch.randn(5, 3, 32, 32)
+    model = tokred.apply(tiny_vit(init_values=0.2), tokred.ToMe(r=(8, -0.5)))
+    with torch.no_grad():
+        batched = model(images)
+        batch_sources = tokred.last_trace(model).source_maps[-1]
+        for i in range(5):
+            single = model(images[i:i + 1])
+            torch.testing.assert_close(single[0], batched[i], atol=1e-5, rtol=1e-5)
+            assert torch.equal(tokred.last_trace(model).source_maps[-1][0], batch_sources[i])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision(dtype, images):
+    model = tiny_vit(init_values=0.1)
+    with torch.no_grad():
+        want = tokred.apply(copy.deepcopy(model), tokred.ToMe(r=6))(images)
+        tokred.apply(model.to(dtype), tokred.ToMe(r=6))
+        got = model(images.to(dtype))
+    assert got.dtype == dtype and torch.isfinite(got).all()
+    assert tokred.last_trace(model).sizes.sum(1).eq(65).all()
+    torch.testing.assert_close(got.float(), want, atol=0.15, rtol=0.1)
+
+
+def test_other_image_sizes():
+    model = tiny_vit(dynamic_img_size=True)
+    tokred.apply(model, tokred.ToMe(r=5))
+    with torch.no_grad():
+        model(torch.randn(2, 3, 48, 40))
+    trace = tokred.last_trace(model)
+    assert trace.grid == (12, 10)
+    assert trace.layers[0].tokens_in == 121 and trace.tokens() == [116, 111, 106, 101]
+
+
+def test_cap_is_noted_in_the_trace(images):
+    model = tokred.apply(tiny_vit(), tokred.ToMe(r=[40, 40]))
+    with torch.no_grad():
+        model(images)
+    trace = tokred.last_trace(model)
+    assert trace.tokens() == [33, 17, 17, 17]  # (65 - 1) // 2 = 32, then (33 - 1) // 2 = 16
+    assert len(trace.notes) == 2 and "capped at 32" in trace.notes[0] and "capped at 16" in trace.notes[1]
+
+
+# bad input -------------------------------------------------------------------------------------
+
+def _assert_untouched(model, images, want):
+    assert not any(type(m).__name__.startswith("Tokred") for m in model.modules())
+    with torch.no_grad():
+        assert torch.equal(model(images), want)
+
+
+@pytest.mark.parametrize("make,error,match", [
+    (lambda: tokred.ToMe(r=[1] * 5), ValueError, "only 4 blocks"),
+    (lambda: "tome", TypeError, "reducers"),
+    (lambda: tokred.ToMe(r=2), None, None),
+])
+def test_bad_reducers_leave_the_model_untouched(make, error, match, images):
+    model = tiny_vit()
+    with torch.no_grad():
+        want = model(images)
+    if error is None:  # two reducers at one stage
+        with pytest.raises(ValueError, match="one reducer per stage"):
+            tokred.apply(model, make(), make())
+    else:
+        with pytest.raises(error, match=match):
+            tokred.apply(model, make())
+    _assert_untouched(model, images, want)
+
+
+def test_failed_reapply_keeps_the_previous_patch(images):
+    model = tokred.apply(tiny_vit(), tokred.ToMe(r=3))
+    with pytest.raises(ValueError):
+        tokred.apply(model, tokred.ToMe(r=[1] * 9))
+    assert tokred.reducers_of(model) == (tokred.ToMe(r=3),)
+
+
+def test_unsupported_models():
+    with pytest.raises(TypeError, match="Supported model families: timm VisionTransformer"):
+        tokred.apply(nn.Linear(3, 3), tokred.ToMe(r=1))
+    resnet = timm.create_model("resnet10t", pretrained=False)
+    with pytest.raises(TypeError, match="no adapter for timm.models.resnet.ResNet"):
+        tokred.apply(resnet, tokred.ToMe(r=1))
+    assert type(resnet).__name__ == "ResNet"
+
+
+def test_unsupported_block_type(images):
+    model = tiny_vit(block_fn=ResPostBlock)
+    with torch.no_grad():
+        want = model(images)
+    with pytest.raises(TypeError, match="ResPostBlock"):
+        tokred.apply(model, tokred.ToMe(r=2))
+    _assert_untouched(model, images, want)
+
+
+def test_attention_mask_with_reduction_is_refused(images):
+    model = tokred.apply(tiny_vit(), tokred.ToMe(r=2))
+    with pytest.raises(ValueError, match="attention mask"):
+        model(images, attn_mask=torch.ones(65, 65, dtype=torch.bool))
+
+
+def test_last_trace_errors():
+    model = tiny_vit()
+    with pytest.raises(ValueError, match="not patched"):
+        tokred.last_trace(model)
+    tokred.apply(model)
+    with pytest.raises(ValueError, match="not run a forward"):
+        tokred.last_trace(model)
