@@ -14,9 +14,29 @@ import torch
 from torch import Tensor
 
 
-def _expand(index: Tensor, like: Tensor) -> Tensor:
-    """Broadcast a (B, K) index over the trailing dimensions of ``like`` (B, N, ...)."""
-    return index.view(*index.shape, *([1] * (like.dim() - 2))).expand(*index.shape, *like.shape[2:])
+def _flat(index: Tensor, num_rows: int) -> Tensor:
+    """Row ids into the (B * num_rows) flattened rows for a per-image (B, K) index."""
+    offsets = torch.arange(index.shape[0], device=index.device)[:, None] * num_rows
+    return (index + offsets).reshape(-1)
+
+
+def take(x: Tensor, index: Tensor) -> Tensor:
+    """Rows ``index`` (B, K) of every image of ``x`` (B, N, ...): (B, K, ...).
+
+    Row copies with ``index_select`` on the flattened batch are several times faster on CPU
+    than ``gather`` with an index broadcast over the channels.
+    """
+    batch, num_rows = x.shape[:2]
+    rows = x.reshape(batch * num_rows, *x.shape[2:]).index_select(0, _flat(index, num_rows))
+    return rows.view(batch, index.shape[1], *x.shape[2:])
+
+
+def _add_rows(out: Tensor, index: Tensor, values: Tensor) -> Tensor:
+    """In place: ``out[b, index[b, k]] += values[b, k]`` for every image b and k."""
+    batch, num_rows = out.shape[:2]
+    flat_out = out.view(batch * num_rows, *out.shape[2:])
+    flat_out.index_add_(0, _flat(index, num_rows), values.reshape(-1, *out.shape[2:]))
+    return out
 
 
 @dataclass
@@ -45,21 +65,24 @@ class Plan:
 
     def select(self, x: Tensor) -> Tensor:
         """Output tokens' own entries of ``x`` (B, N, ...): positions, masks, ids."""
-        return x.gather(1, _expand(self.keep, x))
+        return take(x, self.keep)
 
     def sum(self, x: Tensor) -> Tensor:
         """Sum of ``x`` (B, N, ...) over the input tokens each output token stands for."""
         out = self.select(x)
-        if self.merges:
-            out = out.scatter_add(1, _expand(self.dst, x), x.gather(1, _expand(self.src, x)))
-        return out
+        return _add_rows(out, self.dst, take(x, self.src)) if self.merges else out
 
     def weighted_mean(self, x: Tensor, size: Tensor) -> tuple[Tensor, Tensor]:
-        """Size-weighted mean of ``x`` (B, N, C) per output token, and the summed sizes (B, M, 1)."""
-        if not self.merges:
-            return self.select(x), self.select(size)
-        out_size = self.sum(size)
-        return self.sum(x * size) / out_size, out_size
+        """Size-weighted mean of ``x`` (B, N, C) per output token, and the summed sizes (B, M, 1).
+
+        Only the rows that receive merges are touched: a destination d with merged sources k
+        becomes x_d + sum_k s_k (x_k - x_d) / (s_d + sum_k s_k), the size-weighted mean.
+        """
+        out, out_size = self.select(x), self.sum(size)
+        if self.merges:
+            weight = take(size, self.src) / take(out_size, self.dst)
+            _add_rows(out, self.dst, weight * (take(x, self.src) - take(out, self.dst)))
+        return out, out_size
 
     def destinations(self) -> Tensor:
         """(B, N) output position each input token ends up in, or -1 if it was dropped."""

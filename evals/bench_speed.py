@@ -1,0 +1,122 @@
+"""ToMe speed on CPU: throughput of ViT-B/16 with tokred's ToMe against the unpatched model.
+
+Random weights (speed does not depend on them). Every ratio is measured in this one process:
+in each round the unpatched model and every reduced copy run the same batch one after the
+other, in a rotating order, and the reported ratio is the median over rounds of
+time(unpatched) / time(reduced). The FLOPs-predicted ratio comes from tokred's analytic count;
+"of predicted" is measured / predicted. The matching + merging overhead is timed on its own.
+
+    python evals/bench_speed.py                      # both cases from the issue
+    python evals/bench_speed.py --rounds 3 --only 224
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+from pathlib import Path
+
+import timm
+import torch
+from tqdm import tqdm
+
+import tokred
+from tokred.reducers.tome import bipartite_soft_matching
+
+CASES = {
+    "224": dict(model="vit_base_patch16_224", size=224, batch=8, rs=[0, 8, 13, 16]),
+    "384": dict(model="vit_base_patch16_384", size=384, batch=4, rs=[0, 23]),
+}
+
+
+def timed(model, images) -> float:
+    start = time.perf_counter()
+    model(images)
+    return time.perf_counter() - start
+
+
+def matching_overhead(model, images, r: int, repeats: int = 5) -> float:
+    """Seconds spent in ToMe's matching and merging alone, for the token counts of one forward."""
+    trace = tokred.last_trace(model)
+    dim, head_dim = model.embed_dim, model.blocks[0].attn.head_dim
+    inputs = []
+    for record in trace.layers:
+        if record.removed:
+            keys = torch.randn(images.shape[0], record.tokens_in, head_dim)
+            x = torch.randn(images.shape[0], record.tokens_in, dim)
+            inputs.append((keys, x, torch.ones(*x.shape[:2], 1)))
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for keys, x, size in inputs:
+            bipartite_soft_matching(keys, r, model.num_prefix_tokens).weighted_mean(x, size)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def run_case(name: str, rounds: int) -> list[dict]:
+    case = CASES[name]
+    torch.manual_seed(0)
+    full = timm.create_model(case["model"], pretrained=False).eval()
+    images = torch.randn(case["batch"], 3, case["size"], case["size"])
+    models = {"unpatched": full}
+    for r in case["rs"]:
+        models[f"r={r}"] = tokred.apply(copy.deepcopy(full), tokred.ToMe(r=r))
+    times: dict[str, list[float]] = {key: [] for key in models}
+    with torch.inference_mode():
+        full_flops = tokred.flops(full, images).total
+        for model in models.values():
+            model(images)  # warm-up
+        names = list(models)
+        for round_index in tqdm(range(rounds), desc=f"{case['model']} batch {case['batch']}"):
+            order = names[round_index % len(names):] + names[:round_index % len(names)]
+            for key in order:
+                times[key].append(timed(models[key], images))
+        rows = []
+        for r in case["rs"]:
+            key = f"r={r}"
+            model = models[key]
+            model(images)
+            flops = tokred.flops(model).total
+            measured = statistics.median(f / t for f, t in zip(times["unpatched"], times[key]))
+            predicted = full_flops / flops
+            overhead = matching_overhead(model, images, r) / statistics.median(times[key]) if r else 0.0
+            rows.append(dict(model=case["model"], image_size=case["size"], batch=case["batch"], r=r,
+                             tokens_last_layer=tokred.last_trace(model).final_tokens,
+                             gflops_per_image=flops / case["batch"] / 1e9,
+                             throughput_ratio=measured, flops_ratio=predicted,
+                             of_predicted=measured / predicted, matching_share=overhead,
+                             unpatched_s=statistics.median(times["unpatched"]),
+                             reduced_s=statistics.median(times[key])))
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| model | px | batch | r | tokens at last layer | GFLOPs/img | FLOPs-predicted speedup "
+             "| measured speedup | measured ÷ predicted | matching+merge share |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(f"| {row['model']} | {row['image_size']} | {row['batch']} | {row['r']} | "
+                     f"{row['tokens_last_layer']} | {row['gflops_per_image']:.2f} | {row['flops_ratio']:.3f}x | "
+                     f"{row['throughput_ratio']:.3f}x | {row['of_predicted']:.3f} | {100 * row['matching_share']:.1f}% |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--only", choices=sorted(CASES), action="append", help="run only this case")
+    parser.add_argument("--out", type=Path, default=Path("results/speed.json"))
+    args = parser.parse_args()
+    rows = [row for name in (args.only or list(CASES)) for row in run_case(name, args.rounds)]
+    print(markdown(rows))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(dict(rows=rows, torch=torch.__version__, timm=timm.__version__,
+                                        threads=torch.get_num_threads()), indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
