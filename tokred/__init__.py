@@ -4,6 +4,7 @@ from tokred.flops import FlopsReport
 from tokred.plan import Plan
 from tokred.reducers import Reducer, ToMe, bipartite_soft_matching
 from tokred.trace import LayerRecord, Trace
+from tokred import viz
 
 __version__ = "0.1.0"
 
