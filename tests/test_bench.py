@@ -1,0 +1,181 @@
+"""The embedded reference model, the reducer-spec parser and ``tokred bench`` end to end."""
+from __future__ import annotations
+
+import json
+import socket
+
+import numpy as np
+import pytest
+import torch
+
+import tokred
+from tokred.bench import JSON_NAME, PLOT_NAME, parse_reducer, parse_reducers
+from tokred.cli import main
+from tokred.reference import (digits_to_unit, load_reference_config, load_reference_data, load_reference_model,
+                              preprocess_digits)
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise OSError("tests must not use the network")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return load_reference_model(), *load_reference_data()
+
+
+# reference model ----------------------------------------------------------------------------
+def test_reference_model_accuracy_matches_config(reference):
+    model, images, labels = reference
+    config = load_reference_config()
+    assert not model.training
+    assert images.dtype == torch.float32 and tuple(images.shape[1:]) == tuple(config["input_size"])
+    assert labels.dtype == torch.long and len(labels) == len(images) == config["dataset"]["num_test"]
+    assert sorted(labels.unique().tolist()) == list(range(10))
+    with torch.no_grad():
+        predictions = torch.cat([model(images[i:i + 128]).argmax(-1) for i in range(0, len(images), 128)])
+    accuracy = (predictions == labels).float().mean().item()
+    assert accuracy == pytest.approx(config["test_accuracy"], abs=0.005)
+    assert accuracy > 0.9
+
+
+def test_reference_normalisation_is_train_statistics(reference):
+    _, images, _ = reference
+    norm = load_reference_config()["normalisation"]
+    assert 0 < norm["std"] < 1 and 0 < norm["mean"] < 1
+    unit = images * norm["std"] + norm["mean"]  # undo the normalisation: pixels back in [0, 1]
+    assert unit.min().item() >= -1e-5 and unit.max().item() <= 1 + 1e-5
+
+
+def test_digits_preprocessing():
+    raw = np.zeros((2, 8, 8), dtype=np.uint8)
+    raw[0] = 16
+    raw[1, :, 4:] = 8
+    unit = digits_to_unit(raw)
+    assert unit.shape == (2, 1, 32, 32) and unit.dtype == torch.float32
+    assert torch.allclose(unit[0], torch.ones(1, 32, 32))
+    assert torch.allclose(unit[1, 0, :, :14], torch.zeros(32, 14)) and torch.allclose(unit[1, 0, :, 18:], torch.full((32, 14), 0.5))
+    assert torch.allclose(preprocess_digits(raw, 0.25, 0.5), (unit - 0.25) / 0.5)
+
+
+def test_missing_assets_give_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("TOKRED_ASSETS", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="reference_vit.json"):
+        load_reference_model()
+
+
+# reducer specs ------------------------------------------------------------------------------
+def test_parse_valid_specs():
+    assert parse_reducer("none") is None
+    assert parse_reducer(" NONE ") is None
+    assert parse_reducer("tome:r=8") == tokred.ToMe(r=8)
+    assert parse_reducer("tome:r=8:prop_attn=false") == tokred.ToMe(r=8, prop_attn=False)
+    assert parse_reducer("tome:prop_attn=True:r=3") == tokred.ToMe(r=3, prop_attn=True)
+    assert parse_reducer("tome:r=(8,-0.5)").r == (8, -0.5)
+    assert parse_reducer("tome:r=[8,8,4]").r == [8, 8, 4]
+    settings = parse_reducers("none, tome:r=8,tome:r=16,tome:r=[4,2]")
+    assert [label for label, _ in settings] == ["none", "tome:r=8", "tome:r=16", "tome:r=[4,2]"]
+    assert [reducer for _, reducer in settings] == [None, tokred.ToMe(r=8), tokred.ToMe(r=16), tokred.ToMe(r=[4, 2])]
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("foo:r=1", "unknown reducer 'foo'"),
+    ("tome:x=1", "unknown parameter 'x'"),
+    ("tome:r", "expected key=value"),
+    ("tome:r=", "expected key=value"),
+    ("tome:r=-1", "r must be >= 0"),
+    ("tome:r=abc", "cannot parse"),
+    ("tome:r=8.5", "not a valid schedule"),
+    ("tome:prop_attn=1", "prop_attn"),
+    ("tome:r=2:r=4", "twice"),
+    ("none:r=2", "no parameters"),
+    ("", "empty"),
+])
+def test_parse_invalid_specs(spec, message):
+    with pytest.raises(ValueError, match=message):
+        parse_reducer(spec)
+
+
+def test_parse_reducers_rejects_duplicates_and_empty_items():
+    with pytest.raises(ValueError, match="twice"):
+        parse_reducers("tome:r=4,tome:r=4")
+    with pytest.raises(ValueError, match="empty"):
+        parse_reducers("none,,tome:r=4")
+
+
+def test_cli_reports_bad_spec(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--reducers", "none,tomee:r=4", "--no-progress"])
+    assert exit_info.value.code == 2
+    assert "unknown reducer 'tomee'" in capsys.readouterr().err
+
+
+# tokred bench end to end --------------------------------------------------------------------
+def _expected_tokens(num_tokens: int, num_prefix: int, r: int, depth: int) -> int:
+    for _ in range(depth):
+        num_tokens -= min(r, (num_tokens - num_prefix) // 2)
+    return num_tokens
+
+
+def test_bench_end_to_end(tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert main(["bench", "--reducers", "none,tome:r=4", "--rounds", "1", "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "tome:r=4" in printed and str(out / JSON_NAME) in printed
+
+    report = json.loads((out / JSON_NAME).read_text())
+    assert {"settings", "versions", "full", "results", "num_images", "has_labels"} <= report.keys()
+    assert report["versions"]["torch"] == torch.__version__
+    assert {"timm", "tokred"} <= report["versions"].keys()
+    assert report["settings"]["reducers"] == ["none", "tome:r=4"]
+    assert report["has_labels"] is True
+    config = load_reference_config()
+    assert report["num_images"] == config["dataset"]["num_test"]
+    rows = {row["reducer"]: row for row in report["results"]}
+    assert set(rows) == {"none", "tome:r=4"}
+    keys = {"tokens_final", "gflops_per_image", "flops_ratio", "throughput_ratio", "top1", "agreement", "times_s"}
+    for row in rows.values():
+        assert keys <= row.keys()
+        assert len(row["times_s"]) == 1 and row["throughput_ratio"] > 0
+
+    none, tome = rows["none"], rows["tome:r=4"]
+    model = load_reference_model()
+    num_tokens = model.patch_embed.num_patches + model.num_prefix_tokens
+    assert none["agreement"] == 1.0
+    assert none["flops_ratio"] == pytest.approx(1.0)
+    assert none["tokens_final"] == num_tokens
+    assert none["top1"] == pytest.approx(config["test_accuracy"], abs=0.005)
+    assert none["gflops_per_image"] == pytest.approx(report["full"]["gflops_per_image"])
+    image = load_reference_data()[0][:1]
+    assert none["gflops_per_image"] == pytest.approx(tokred.flops(model, image).total / 1e9)
+    assert tome["flops_ratio"] < 1
+    assert tome["tokens_final"] == _expected_tokens(num_tokens, model.num_prefix_tokens, 4, len(model.blocks))
+    assert 0 < tome["agreement"] <= 1 and 0 < tome["top1"] <= 1
+
+    png = (out / PLOT_NAME).read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 1000
+
+
+def test_bench_timm_model_without_data_reports_agreement_only(tmp_path, capsys):
+    out = tmp_path / "timm"
+    args = ["bench", "--model", "vit_tiny_patch16_224", "--limit", "2", "--batch-size", "2", "--rounds", "1",
+            "--reducers", "none,tome:r=8", "--out", str(out), "--no-progress"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "random images" in printed and "n/a" in printed
+    report = json.loads((out / JSON_NAME).read_text())
+    assert report["has_labels"] is False and report["num_images"] == 2
+    rows = {row["reducer"]: row for row in report["results"]}
+    assert rows["none"]["top1"] is None and rows["none"]["agreement"] == 1.0
+    assert rows["tome:r=8"]["flops_ratio"] < 1
+    assert (out / PLOT_NAME).is_file()
+
+
+def test_bench_rejects_data_without_model(tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--data", str(tmp_path), "--out", str(tmp_path / "x"), "--no-progress"])
+    assert exit_info.value.code == 2

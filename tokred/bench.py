@@ -1,0 +1,408 @@
+"""``tokred bench``: FLOPs, measured speed and accuracy of reducers against the full model.
+
+Every setting runs on deep copies of one model, in one process. For each setting the benchmark
+records the tokens left after the last layer, analytic GFLOPs per image (:func:`tokred.flops`),
+the FLOPs ratio and the measured throughput ratio against the unreduced model (interleaved
+timing rounds on the same batch, medians), top-1 accuracy when labels exist, and agreement with
+the full model's predictions.
+"""
+from __future__ import annotations
+
+import ast
+import copy
+import dataclasses
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+import tokred
+from tokred.reducers import Reducer, ToMe
+
+#: reducer names accepted in ``--reducers`` specs (``none`` means no reduction)
+REDUCERS: dict[str, type[Reducer]] = {"tome": ToMe}
+DEFAULT_REDUCERS = "none,tome:r=2,tome:r=4,tome:r=6,tome:r=8"
+JSON_NAME = "bench.json"
+PLOT_NAME = "flops_vs_accuracy.png"
+
+
+# reducer specs ------------------------------------------------------------------------------
+def _split_top_level(text: str, sep: str) -> list[str]:
+    """Split ``text`` at ``sep`` outside brackets, so ``r=[8,4]`` and ``r=(8,-0.5)`` stay whole."""
+    parts, depth, current = [], 0, []
+    for char in text:
+        if char in "([":
+            depth += 1
+        elif char in ")]":
+            depth -= 1
+        if char == sep and depth == 0:
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    parts.append("".join(current))
+    return parts
+
+
+def _parse_value(text: str, context: str):
+    text = text.strip()
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        raise ValueError(f"cannot parse the value '{text}' in '{context}': use a number, true/false, "
+                         "a list like [8,8,4] or a tuple like (8,-0.5)") from None
+
+
+def parse_reducer(spec: str) -> Reducer | None:
+    """One reducer from a spec such as ``tome:r=8`` or ``tome:r=8:prop_attn=false``; ``none`` -> None."""
+    spec = spec.strip()
+    if not spec:
+        raise ValueError("empty reducer spec; expected e.g. 'none' or 'tome:r=8'")
+    name, *params = _split_top_level(spec, ":")
+    name = name.strip().lower()
+    known = ", ".join(["none", *REDUCERS])
+    if name == "none":
+        if params:
+            raise ValueError(f"'none' takes no parameters, got '{spec}'")
+        return None
+    if name not in REDUCERS:
+        raise ValueError(f"unknown reducer '{name}' in '{spec}'; known reducers: {known}")
+    reducer_class = REDUCERS[name]
+    allowed = [f.name for f in dataclasses.fields(reducer_class) if f.init]
+    kwargs = {}
+    for param in params:
+        key, sep, value = param.partition("=")
+        key = key.strip()
+        if not sep or not key or not value.strip():
+            raise ValueError(f"bad parameter '{param}' in '{spec}'; expected key=value, e.g. {name}:r=8")
+        if key not in allowed:
+            raise ValueError(f"unknown parameter '{key}' for {name} in '{spec}'; its parameters are: "
+                             f"{', '.join(allowed)}")
+        if key in kwargs:
+            raise ValueError(f"parameter '{key}' given twice in '{spec}'")
+        kwargs[key] = _parse_value(value, spec)
+    try:
+        return reducer_class(**kwargs)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"bad reducer spec '{spec}': {error}") from None
+
+
+def parse_reducers(specs: str) -> list[tuple[str, Reducer | None]]:
+    """Comma-separated specs -> [(label, reducer or None)], e.g. ``none,tome:r=8,tome:r=16``."""
+    settings, seen = [], set()
+    for spec in _split_top_level(specs, ","):
+        reducer = parse_reducer(spec)
+        label = "".join(spec.split()).lower()
+        if label in seen:
+            raise ValueError(f"reducer '{label}' is listed twice")
+        seen.add(label)
+        settings.append((label, reducer))
+    if not settings:
+        raise ValueError("no reducers given")
+    return settings
+
+
+# measurements -------------------------------------------------------------------------------
+@dataclass
+class _Setting:
+    label: str
+    reducer: Reducer | None
+    model: nn.Module
+    correct: int = 0
+    agree: int = 0
+    flops: int = 0
+    images: int = 0
+    final_tokens: list[int] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time(model: nn.Module, batch: Tensor) -> float:
+    _sync(batch.device)
+    start = time.perf_counter()
+    model(batch)
+    _sync(batch.device)
+    return time.perf_counter() - start
+
+
+def run_bench(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor | None]],
+              settings: list[tuple[str, Reducer | None]], rounds: int = 5, device: str | torch.device = "cpu",
+              num_batches: int | None = None, progress: bool = True) -> dict:
+    """Benchmark ``settings`` on deep copies of ``model`` over ``batches`` of (images, labels or None).
+
+    Returns a dict with the full model's numbers under ``"full"`` and one entry per setting under
+    ``"results"``. Throughput ratios come from ``rounds`` interleaved timing rounds on the first
+    batch (full model and every setting one after the other, order rotated each round);
+    ratio = median time of the full model / median time of the setting.
+    """
+    from tqdm import tqdm
+
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    device = torch.device(device)
+    base = tokred.remove(copy.deepcopy(model)).to(device).eval()
+    full = _Setting("full", None, base)
+    runs = [full]
+    for label, reducer in settings:
+        clone = copy.deepcopy(base)
+        if reducer is not None:
+            tokred.apply(clone, reducer)  # errors (unsupported model, bad schedule) surface here
+        runs.append(_Setting(label, reducer, clone))
+
+    timing_batch = None
+    has_labels = None
+    with ExitStack() as stack, torch.inference_mode():
+        for run in runs:  # unreduced models are only instrumented while evaluating, never while timed
+            if run.reducer is None:
+                stack.enter_context(tokred.applied(run.model))
+        bar = tqdm(batches, total=num_batches, desc="evaluating", unit="batch", disable=not progress,
+                   file=sys.stdout)
+        for images, labels in bar:
+            images = images.to(device)
+            if timing_batch is None:
+                timing_batch = images
+            has_labels = labels is not None if has_labels is None else has_labels
+            reference = None
+            for run in runs:
+                prediction = run.model(images).argmax(dim=-1).cpu()
+                if reference is None:
+                    reference = prediction
+                trace = tokred.last_trace(run.model)
+                run.flops += tokred.flops(run.model).total
+                run.images += images.shape[0]
+                run.final_tokens.append(trace.final_tokens)
+                run.tokens = trace.tokens()
+                run.notes = list(dict.fromkeys(run.notes + trace.notes))
+                run.agree += int((prediction == reference).sum())
+                if labels is not None:
+                    run.correct += int((prediction == labels).sum())
+        if timing_batch is None:
+            raise ValueError("no images to benchmark")
+
+    with torch.inference_mode():
+        for run in runs:  # warm-up
+            run.model(timing_batch)
+        bar = tqdm(range(rounds), desc="timing", unit="round", disable=not progress, file=sys.stdout)
+        for round_index in bar:
+            shift = round_index % len(runs)
+            for run in runs[shift:] + runs[:shift]:
+                run.times.append(_time(run.model, timing_batch))
+
+    full_flops = full.flops / full.images
+    full_time = statistics.median(full.times)
+
+    def summary(run: _Setting) -> dict:
+        flops = run.flops / run.images
+        flops_ratio = flops / full_flops
+        throughput_ratio = full_time / statistics.median(run.times)
+        per_round = sorted(f / t for f, t in zip(full.times, run.times))
+        final = sorted(set(run.final_tokens))
+        return {
+            "reducer": run.label,
+            "reducer_repr": repr(run.reducer) if run.reducer is not None else None,
+            "tokens_final": final[0] if len(final) == 1 else statistics.mean(run.final_tokens),
+            "tokens_per_layer": run.tokens,
+            "gflops_per_image": flops / 1e9,
+            "flops_ratio": flops_ratio,
+            "throughput_ratio": throughput_ratio,
+            "predicted_speedup": 1 / flops_ratio,
+            "speedup_of_predicted": throughput_ratio * flops_ratio,
+            "top1": run.correct / run.images if has_labels else None,
+            "agreement": run.agree / run.images,
+            "throughput_ratio_range": [per_round[0], per_round[-1]],
+            "median_time_s": statistics.median(run.times),
+            "times_s": run.times,
+            "notes": run.notes,
+        }
+
+    return {"full": summary(full), "results": [summary(run) for run in runs[1:]],
+            "num_images": full.images, "timing_batch_size": int(timing_batch.shape[0]), "rounds": rounds,
+            "has_labels": bool(has_labels)}
+
+
+# data ---------------------------------------------------------------------------------------
+def _tensor_batches(images: Tensor, labels: Tensor | None, batch_size: int) -> Iterator[tuple[Tensor, Tensor | None]]:
+    for start in range(0, len(images), batch_size):
+        yield images[start:start + batch_size], None if labels is None else labels[start:start + batch_size]
+
+
+def _loader_batches(loader) -> Iterator[tuple[Tensor, Tensor]]:
+    for images, labels in loader:
+        yield images, labels
+
+
+def _build(args):
+    """Model, batches, number of batches and a description of the data, from the CLI options."""
+    import math
+
+    notes = []
+    if args.model is None:
+        if args.data is not None:
+            raise ValueError("--data needs --model: the embedded reference model only runs on its digits split")
+        if args.pretrained:
+            raise ValueError("--pretrained needs --model (the embedded reference model is always trained)")
+        from tokred.reference import load_reference_data, load_reference_model
+
+        model = load_reference_model()
+        images, labels = load_reference_data()
+        if args.limit is not None:
+            images, labels = images[:args.limit], labels[:args.limit]
+        batches = _tensor_batches(images, labels, args.batch_size)
+        return (model, batches, math.ceil(len(images) / args.batch_size),
+                {"model": "tokred reference ViT (digits)", "data": "reference digits held-out split"}, notes)
+
+    import timm
+    from timm.data import create_transform, resolve_data_config
+
+    model = timm.create_model(args.model, pretrained=args.pretrained).eval()
+    if not args.pretrained:
+        notes.append(f"{args.model} has random weights (pass --pretrained to download trained ones)")
+    config = resolve_data_config({}, model=model)
+    if args.data is None:
+        count = args.limit if args.limit is not None else 64
+        generator = torch.Generator().manual_seed(0)
+        pixels = torch.rand(count, *config["input_size"], generator=generator)
+        mean = torch.tensor(config["mean"]).view(1, -1, 1, 1)
+        std = torch.tensor(config["std"]).view(1, -1, 1, 1)
+        images = (pixels - mean) / std
+        notes.append(f"no --data: {count} random images (uniform pixels, normalised for the model); "
+                     "agreement only, accuracy n/a")
+        return (model, _tensor_batches(images, None, args.batch_size), math.ceil(count / args.batch_size),
+                {"model": args.model, "data": "random images (uniform pixels, seed 0)"}, notes)
+
+    from torchvision.datasets import ImageFolder
+
+    dataset = ImageFolder(str(args.data), transform=create_transform(**config))
+    if len(dataset) == 0:
+        raise ValueError(f"no images found in {args.data}")
+    if args.limit is not None and args.limit < len(dataset):
+        generator = torch.Generator().manual_seed(0)
+        subset = torch.randperm(len(dataset), generator=generator)[:args.limit].sort().values.tolist()
+        dataset = torch.utils.data.Subset(dataset, subset)
+        notes.append(f"--limit: a fixed random subset (seed 0) of {args.limit} images")
+    notes.append("accuracy assumes the sorted class-folder order matches the model's class indices")
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=False,
+                                         num_workers=args.workers)
+    return (model, _loader_batches(loader), len(loader),
+            {"model": args.model, "data": str(args.data), "data_config": {k: (list(v) if isinstance(v, tuple) else v)
+                                                                          for k, v in config.items()}}, notes)
+
+
+# output -------------------------------------------------------------------------------------
+def format_table(report: dict) -> str:
+    header = ["reducer", "tokens", "GFLOPs/img", "FLOPs ratio", "speed ratio", "top-1", "agreement"]
+    rows = []
+    for row in report["results"]:
+        top1 = "n/a" if row["top1"] is None else f"{100 * row['top1']:.2f}%"
+        rows.append([row["reducer"], f"{row['tokens_final']:g}", f"{row['gflops_per_image']:.4f}",
+                     f"{row['flops_ratio']:.3f}", f"{row['throughput_ratio']:.3f}", top1,
+                     f"{100 * row['agreement']:.2f}%"])
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
+    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths)))
+             for line in [header, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    use_top1 = report["has_labels"]
+    key, name = ("top1", "top-1 accuracy (%)") if use_top1 else ("agreement", "agreement with full model (%)")
+    fig, ax = plt.subplots(figsize=(6, 4.5), dpi=120)
+    xs = [row["flops_ratio"] for row in report["results"]]
+    ys = [100 * row[key] for row in report["results"]]
+    ax.plot(xs, ys, "o", color="tab:blue")
+    for row, x, y in zip(report["results"], xs, ys):
+        ax.annotate(row["reducer"], (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    ax.set_xlabel("FLOPs ratio (reduced / full)")
+    ax.set_ylabel(name)
+    ax.set_title(f"{report['settings']['model']}: FLOPs vs {'accuracy' if use_top1 else 'agreement'}", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.margins(x=0.12, y=0.15)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# command line -------------------------------------------------------------------------------
+def add_arguments(parser) -> None:
+    parser.add_argument("--model", default=None,
+                        help="timm ViT name (default: the embedded reference ViT on its digits split)")
+    parser.add_argument("--pretrained", action="store_true",
+                        help="download pretrained weights for --model (nothing is downloaded without it)")
+    parser.add_argument("--data", type=Path, default=None,
+                        help="ImageFolder directory (e.g. ImageNet val) evaluated with the model's timm transform")
+    parser.add_argument("--limit", type=int, default=None, help="maximum number of images")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader workers for --data")
+    parser.add_argument("--reducers", default=DEFAULT_REDUCERS,
+                        help=f"comma-separated reducer specs (default: {DEFAULT_REDUCERS}); e.g. "
+                             "'none,tome:r=8,tome:r=8:prop_attn=false,tome:r=(8,-0.5)'")
+    parser.add_argument("--rounds", type=int, default=11, help="interleaved timing rounds")
+    parser.add_argument("--out", type=Path, default=Path("results/bench"), help="output directory")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's own setting); on a busy machine 1 gives steadier timings")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
+
+def main(args) -> int:
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {args.limit}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    settings = parse_reducers(args.reducers)
+    model, batches, num_batches, described, notes = _build(args)
+    for note in notes:
+        print(f"note: {note}")
+    report = run_bench(model, batches, settings, rounds=args.rounds, device=args.device,
+                       num_batches=num_batches, progress=not args.no_progress)
+    import timm
+    import numpy
+
+    report["settings"] = {**described, "pretrained": args.pretrained, "limit": args.limit,
+                          "batch_size": args.batch_size, "device": str(args.device), "rounds": args.rounds,
+                          "reducers": [label for label, _ in settings], "threads": torch.get_num_threads(),
+                          "notes": notes}
+    report["versions"] = {"tokred": tokred.__version__, "torch": torch.__version__, "timm": timm.__version__,
+                          "numpy": numpy.__version__, "python": platform.python_version()}
+    print()
+    print(f"{described['model']} on {described['data']}: {report['num_images']} images; speed ratio = "
+          f"throughput reduced / full, median of {args.rounds} interleaved rounds on a batch of "
+          f"{report['timing_batch_size']}")
+    print(format_table(report))
+    for row in report["results"]:
+        for note in row["notes"][:3]:
+            print(f"  {row['reducer']}: {note}")
+        if len(row["notes"]) > 3:
+            print(f"  {row['reducer']}: ... {len(row['notes']) - 3} more notes in the JSON")
+    args.out.mkdir(parents=True, exist_ok=True)
+    json_path, png_path = args.out / JSON_NAME, args.out / PLOT_NAME
+    json_path.write_text(json.dumps(report, indent=2) + "\n")
+    plot(report, png_path)
+    print(f"wrote {json_path} and {png_path}")
+    return 0
