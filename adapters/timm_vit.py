@@ -234,8 +234,10 @@ class TimmViTAdapter(Adapter):
             tokens, kept = record.tokens_in, record.tokens_out
             flops = linear_flops(attn, batch * tokens)
             flops += attention_flops(batch, attn.num_heads, tokens, tokens, attn.head_dim)
-            flops += record.reducer_flops + linear_flops(block.mlp, batch * kept)
+            flops += linear_flops(block.mlp, batch * kept)
             report.add("vision", f"block{record.layer}", flops)
+            if record.reducer_flops:
+                report.add("vision", f"block{record.layer}.reducer", record.reducer_flops)
         if self.head_mode is not None:
             report.add("vision", "head", self._head_flops(trace))
         return report

@@ -80,13 +80,15 @@ def run_case(name: str, rounds: int) -> list[dict]:
             model = models[key]
             model(images)
             flops = tokred.flops(model).total
-            measured = statistics.median(f / t for f, t in zip(times["unpatched"], times[key]))
+            per_round = [f / t for f, t in zip(times["unpatched"], times[key])]
+            measured = statistics.median(per_round)
+            low, _, high = statistics.quantiles(per_round, n=4) if len(per_round) > 1 else (measured,) * 3
             predicted = full_flops / flops
             overhead = matching_overhead(model, images, r) / statistics.median(times[key]) if r else 0.0
             rows.append(dict(model=case["model"], image_size=case["size"], batch=case["batch"], r=r,
                              tokens_last_layer=tokred.last_trace(model).final_tokens,
                              gflops_per_image=flops / case["batch"] / 1e9,
-                             throughput_ratio=measured, flops_ratio=predicted,
+                             throughput_ratio=measured, throughput_ratio_iqr=[low, high], flops_ratio=predicted,
                              of_predicted=measured / predicted, matching_share=overhead,
                              unpatched_s=statistics.median(times["unpatched"]),
                              reduced_s=statistics.median(times[key])))
@@ -95,18 +97,19 @@ def run_case(name: str, rounds: int) -> list[dict]:
 
 def markdown(rows: list[dict]) -> str:
     lines = ["| model | px | batch | r | tokens at last layer | GFLOPs/img | FLOPs-predicted speedup "
-             "| measured speedup | measured ÷ predicted | matching+merge share |",
+             "| measured speedup (IQR) | measured ÷ predicted | matching+merge share |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         lines.append(f"| {row['model']} | {row['image_size']} | {row['batch']} | {row['r']} | "
                      f"{row['tokens_last_layer']} | {row['gflops_per_image']:.2f} | {row['flops_ratio']:.3f}x | "
-                     f"{row['throughput_ratio']:.3f}x | {row['of_predicted']:.3f} | {100 * row['matching_share']:.1f}% |")
+                     f"{row['throughput_ratio']:.3f}x ({row['throughput_ratio_iqr'][0]:.2f}-{row['throughput_ratio_iqr'][1]:.2f}) | "
+                     f"{row['of_predicted']:.3f} | {100 * row['matching_share']:.1f}% |")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--only", choices=sorted(CASES), action="append", help="run only this case")
     parser.add_argument("--out", type=Path, default=Path("results/speed.json"))
     args = parser.parse_args()

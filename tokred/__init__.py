@@ -1,14 +1,14 @@
 """tokred: composable visual token reduction for ViTs and vision-language models."""
+from tokred import viz
 from tokred.api import applied, apply, flops, last_trace, reducers_of, remove
 from tokred.flops import FlopsReport
 from tokred.plan import Plan
 from tokred.reducers import Reducer, ToMe, bipartite_soft_matching
 from tokred.trace import LayerRecord, Trace
-from tokred import viz
 
 __version__ = "0.1.0"
 
 __all__ = [
     "FlopsReport", "LayerRecord", "Plan", "Reducer", "ToMe", "Trace", "applied", "apply",
-    "bipartite_soft_matching", "flops", "last_trace", "reducers_of", "remove",
+    "bipartite_soft_matching", "flops", "last_trace", "reducers_of", "remove", "viz",
 ]
