@@ -270,3 +270,12 @@ def test_last_trace_errors():
     tokred.apply(model)
     with pytest.raises(ValueError, match="not run a forward"):
         tokred.last_trace(model)
+
+
+def test_training_backward_through_merges(images):
+    model = tokred.apply(tiny_vit(init_values=0.1, drop_path_rate=0.1), tokred.ToMe(r=6)).train()
+    loss = model(images).logsumexp(-1).mean()
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert model.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
