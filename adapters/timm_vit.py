@@ -181,7 +181,7 @@ class TimmViTAdapter(Adapter):
         layer = block._tokred_layer
         if layer == 0 or run.source_map is None:
             run.start(x)
-        requested = self.reducer.removes(layer, self.depth) if self.reducer is not None else 0
+        requested = self.reducer.removes(layer, self.depth, x.shape[1]) if self.reducer is not None else 0
         if (attn_mask is not None or is_causal) and (requested or run.reduced):
             raise ValueError("tokred cannot reduce tokens when an attention mask or causal attention is "
                              "passed to the ViT blocks")

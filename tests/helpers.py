@@ -1,4 +1,6 @@
 """Shared test helpers: tiny models built in code and the brute-force ToMe rule."""
+import math
+
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
@@ -41,3 +43,34 @@ def brute_force_merge(metric, x, size, r, protected):
     out_x = torch.stack([sum(x[t] * size[t] for t in groups[o]) / sum(size[t] for t in groups[o]) for o in order])
     out_size = torch.stack([sum(size[t] for t in groups[o]) for o in order])
     return out_x, out_size, [sorted(groups[o]) for o in order]
+
+
+def brute_force_pitome(metric, x, size, r, protected, margin, alpha=1.0, protect_low_energy=True):
+    """PiToMe's rule written out token by token for one image: returns merged x, sizes, groups."""
+    n = metric.shape[0]
+    r = min(r, (n - protected) // 2)
+    if r == 0:
+        return x, size, [[t] for t in range(n)]
+    tokens = list(range(protected, n))
+
+    def cos(i, j):
+        return torch.nn.functional.cosine_similarity(metric[i], metric[j], dim=0).item()
+
+    def elu(v):
+        return v if v > 0 else alpha * (math.exp(v) - 1)
+
+    energy = {i: sum(elu(cos(i, j) - margin) for j in tokens) / len(tokens) for i in tokens}
+    order = sorted(tokens, key=lambda i: (-energy[i], i))
+    candidates = order[:2 * r] if protect_low_energy else order
+    a, b = candidates[0::2], candidates[1::2]
+    best = []
+    for i in a:
+        scores = [cos(i, j) for j in b]
+        best.append((max(scores), b[scores.index(max(scores))]))
+    ranked = sorted(range(len(a)), key=lambda k: (-best[k][0], k))
+    merged = {a[k]: best[k][1] for k in (range(len(a)) if protect_low_energy else ranked[:r])}
+    survivors = [t for t in range(n) if t not in merged]
+    groups = [[t] + [s for s, d in merged.items() if d == t] for t in survivors]
+    out_x = torch.stack([sum(x[t] * size[t] for t in g) / sum(size[t] for t in g) for g in groups])
+    out_size = torch.stack([sum(size[t] for t in g) for g in groups])
+    return out_x, out_size, [sorted(g) for g in groups]

@@ -32,13 +32,19 @@ def build(name):
     return distilled_vit() if name == "distilled" else tiny_vit(**VARIANTS[name])
 
 
-def reference_forward(model, images, schedule, prop_attn=True):
-    """ToMe written out with the model's own sub-modules: manual softmax attention, LayerScale,
-    q/k norm, brute-force matching per image, size-weighted pooling."""
+def tome_merge(schedule):
+    """Per-layer brute-force ToMe merge for :func:`reference_forward`."""
+    return lambda layer, keys, x, size, protected: brute_force_merge(keys, x, size, schedule[layer], protected)
+
+
+def reference_forward(model, images, merge, prop_attn=True):
+    """A token-merging ViT written out with the model's own sub-modules: manual softmax
+    attention, LayerScale, q/k norm, ``merge(layer, keys, x, size, protected)`` per image after
+    attention, size-weighted pooling."""
     x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
     batch, protected = x.shape[0], model.num_prefix_tokens
     size = torch.ones(batch, x.shape[1], 1)
-    for r, block in zip(schedule, model.blocks):
+    for layer, block in enumerate(model.blocks):
         attn, h = block.attn, block.norm1(x)
         n = h.shape[1]
         q, k, v = attn.qkv(h).view(batch, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
@@ -48,9 +54,8 @@ def reference_forward(model, images, schedule, prop_attn=True):
             logits = logits + size.log()[:, None, None, :, 0]
         y = (logits.softmax(-1) @ v).transpose(1, 2).reshape(batch, n, -1)
         x = x + block.ls1(attn.proj(attn.norm(y)))
-        if r:
-            merged = [brute_force_merge(k.mean(1)[i], x[i], size[i], r, protected) for i in range(batch)]
-            x, size = torch.stack([m[0] for m in merged]), torch.stack([m[1] for m in merged])
+        merged = [merge(layer, k.mean(1)[i], x[i], size[i], protected) for i in range(batch)]
+        x, size = torch.stack([m[0] for m in merged]), torch.stack([m[1] for m in merged])
         x = x + block.ls2(block.mlp(block.norm2(x)))
     x = model.norm(x)
     if isinstance(model, VisionTransformerDistilled):
@@ -67,7 +72,7 @@ def test_matches_reference_forward(name, r, images):
     model = build(name)
     schedule = r if isinstance(r, list) else [r] * 4
     with torch.no_grad():
-        want = reference_forward(model, images, schedule)
+        want = reference_forward(model, images, tome_merge(schedule))
         tokred.apply(model, tokred.ToMe(r=r))
         got = model(images)
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
@@ -81,7 +86,7 @@ def test_matches_reference_forward(name, r, images):
 def test_without_proportional_attention(images):
     model = tiny_vit()
     with torch.no_grad():
-        want = reference_forward(model, images, [5] * 4, prop_attn=False)
+        want = reference_forward(model, images, tome_merge([5] * 4), prop_attn=False)
         tokred.apply(model, tokred.ToMe(r=5, prop_attn=False))
         torch.testing.assert_close(model(images), want, atol=2e-5, rtol=1e-4)
 
@@ -91,7 +96,7 @@ def test_unfused_attention_path(images):
     for block in model.blocks:
         block.attn.fused_attn = False
     with torch.no_grad():
-        want = reference_forward(model, images, [6] * 4)
+        want = reference_forward(model, images, tome_merge([6] * 4))
         tokred.apply(model, tokred.ToMe(r=6))
         torch.testing.assert_close(model(images), want, atol=2e-5, rtol=1e-4)
 

@@ -25,10 +25,10 @@ import torch
 from torch import Tensor, nn
 
 import tokred
-from tokred.reducers import Reducer, ToMe
+from tokred.reducers import PiToMe, Reducer, ToMe
 
 #: reducer names accepted in ``--reducers`` specs (``none`` means no reduction)
-REDUCERS: dict[str, type[Reducer]] = {"tome": ToMe}
+REDUCERS: dict[str, type[Reducer]] = {"tome": ToMe, "pitome": PiToMe}
 DEFAULT_REDUCERS = "none,tome:r=2,tome:r=4,tome:r=6,tome:r=8"
 JSON_NAME = "bench.json"
 PLOT_NAME = "flops_vs_accuracy.png"

@@ -97,11 +97,11 @@ class ToMe(Reducer):
     def check(self, num_layers: int) -> None:
         per_layer(self.r, num_layers)
 
-    def removes(self, layer: int, num_layers: int) -> int:
+    def removes(self, layer: int, num_layers: int, num_tokens: int) -> int:
         return per_layer(self.r, num_layers)[layer]
 
     def plan(self, layer: int, num_layers: int, keys: Tensor, num_protected: int) -> Plan:
-        return bipartite_soft_matching(keys, self.removes(layer, num_layers), num_protected)
+        return bipartite_soft_matching(keys, self.removes(layer, num_layers, keys.shape[1]), num_protected)
 
     def overhead_flops(self, batch: int, num_tokens: int, dim: int, num_protected: int) -> int:
         return matching_flops(batch, num_tokens, dim, num_protected)
