@@ -1,12 +1,20 @@
-"""Model adapters, one module per model family (installed as ``tokred.adapters``)."""
+"""Model adapters, one module per model family (installed as ``tokred.adapters``).
+
+Every module here is imported on first use and each :class:`Adapter` subclass with a
+``family`` registers itself, so adding a family is adding a module. Adapter modules import
+their framework (timm, open_clip, transformers) lazily, inside ``matches``.
+"""
 from __future__ import annotations
+
+import importlib
+import pkgutil
 
 from torch import nn
 
-from tokred.adapters.base import Adapter
-from tokred.adapters.timm_vit import TimmViTAdapter
+from tokred.adapters.base import ADAPTERS, Adapter
 
-ADAPTERS: list[type[Adapter]] = [TimmViTAdapter]
+for _module in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 
 def find_adapter(model: nn.Module) -> type[Adapter]:

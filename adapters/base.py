@@ -10,6 +10,8 @@ from tokred.reducers.base import Reducer
 from tokred.trace import Trace
 
 _PATCHED_CLASSES: dict[tuple[type, type], type] = {}
+#: every adapter class with a ``family``, in definition order
+ADAPTERS: list[type[Adapter]] = []
 
 
 def swap_class(module: nn.Module, mixin: type) -> None:
@@ -35,6 +37,11 @@ class Adapter:
 
     family: ClassVar[str]
     stages: ClassVar[tuple[str, ...]]
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "family" in cls.__dict__:
+            ADAPTERS.append(cls)
 
     def __init__(self, model: nn.Module, reducers: dict[str, Reducer]):
         self.model = model

@@ -12,10 +12,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tokred.adapters.base import Adapter, restore_class, swap_class
+from tokred.engine import TokenRun, VisionStage
 from tokred.flops import FlopsReport, attention_flops, conv_flops, linear_flops
-from tokred.plan import Plan, follow
 from tokred.reducers.base import Reducer
-from tokred.trace import LayerRecord, Trace
+from tokred.trace import Trace
 
 POOLS = ("", "token", "avg", "avgmax", "max", "map")
 
@@ -46,42 +46,10 @@ def attention_with_keys(attn: nn.Module, x: Tensor, bias: Tensor | None, need_ke
     return x, (k.mean(dim=1) if need_keys else None)
 
 
-class _Run:
-    """Token bookkeeping of one forward: sizes, patch-to-token map and the trace."""
-
-    def __init__(self, batch: int, num_prefix: int, grid: tuple[int, int] | None):
-        self.trace = Trace(batch_size=batch, num_prefix=num_prefix, grid=grid)
-        self.size: Tensor | None = None  # (B, N, 1), created by the first merge
-        self.source_map: Tensor | None = None
-        self.reduced = False
-
-    def start(self, x: Tensor) -> None:
-        batch, num_tokens = x.shape[:2]
-        self.source_map = torch.arange(num_tokens, device=x.device).expand(batch, num_tokens)
-
-    def attention_bias(self) -> Tensor | None:
-        """log(size) as an additive attention mask (B, 1, 1, N), or None while all sizes are 1."""
-        return None if self.size is None else self.size[..., 0].log()[:, None, None, :]
-
-    def apply(self, plan: Plan, x: Tensor) -> Tensor:
-        if plan.merges or self.size is not None:
-            size = self.size if self.size is not None else x.new_ones(*x.shape[:2], 1)
-            x, self.size = plan.weighted_mean(x, size)
-        else:
-            x = plan.select(x)
-        self.source_map = follow(self.source_map, plan)
-        self.reduced = True
-        return x
-
-    def weighted_mean(self, x: Tensor, start: int) -> Tensor:
-        size = self.size[:, start:]
-        return (x[:, start:] * size).sum(dim=1) / size.sum(dim=1)
-
-
 class _BlockMixin:
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         adapter = self._tokred_adapter
-        if adapter.run is None:  # called outside VisionTransformer.forward_features
+        if adapter.stage.run is None:  # called outside VisionTransformer.forward_features
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
         return adapter.block_forward(self, x, attn_mask, is_causal)
 
@@ -93,7 +61,7 @@ class _ViTMixin:
         try:
             out = super().forward_features(x, *args, **kwargs)
         except BaseException:
-            adapter.run = None
+            adapter.stage.abort()
             raise
         adapter.end()
         return out
@@ -103,7 +71,7 @@ class _ViTMixin:
         return super().forward_head(x, pre_logits=pre_logits)
 
     def pool(self, x: Tensor, pool_type: str | None = None) -> Tensor:
-        run = self._tokred_adapter.last_run
+        run = self._tokred_adapter.stage.last_run
         if run is None or run.size is None or x.shape[1] != run.size.shape[1]:
             return super().pool(x, pool_type)
         return self._tokred_adapter.weighted_pool(x, pool_type, run)
@@ -137,13 +105,8 @@ class TimmViTAdapter(Adapter):
         if model.attn_pool is not None and getattr(model.attn_pool, "pos_embed", None) is not None and reducers:
             raise ValueError("the attention-pool head has its own fixed-length position embedding, "
                              "so tokens cannot be reduced before it")
-        self.reducer = reducers.get("vision")
-        self.depth = len(model.blocks)
-        if self.reducer is not None:
-            self.reducer.check(self.depth)
         self.num_prefix = model.num_prefix_tokens
-        self.run: _Run | None = None
-        self.last_run: _Run | None = None
+        self.stage = VisionStage(reducers.get("vision"), len(model.blocks), self.num_prefix)
         self.head_mode: str | None = None
 
     # patching -----------------------------------------------------------------------------
@@ -167,48 +130,27 @@ class TimmViTAdapter(Adapter):
         grid = None
         if images.dim() == 4 and hasattr(self.model.patch_embed, "dynamic_feat_size"):
             grid = tuple(self.model.patch_embed.dynamic_feat_size(tuple(images.shape[-2:])))
-        self.run = _Run(images.shape[0], self.num_prefix, grid)
+        self.stage.begin(images.shape[0], grid)
         self.head_mode = None
 
     def end(self) -> None:
-        run = self.run
-        trace = run.trace
-        trace.sizes = run.size[..., 0] if run.size is not None else None
-        self.trace, self.last_run, self.run = trace, run, None
+        self.trace = self.stage.end()
 
     def block_forward(self, block: nn.Module, x: Tensor, attn_mask: Tensor | None, is_causal: bool) -> Tensor:
-        run = self.run
-        layer = block._tokred_layer
-        if layer == 0 or run.source_map is None:
-            run.start(x)
-        requested = self.reducer.removes(layer, self.depth, x.shape[1]) if self.reducer is not None else 0
-        if (attn_mask is not None or is_causal) and (requested or run.reduced):
+        if (attn_mask is not None or is_causal) and self.stage.reducer is not None:
             raise ValueError("tokred cannot reduce tokens when an attention mask or causal attention is "
                              "passed to the ViT blocks")
-        bias = run.attention_bias() if self.reducer is not None and self.reducer.proportional_attention else None
-        record = LayerRecord("vision", layer, tokens_in=x.shape[1], tokens_out=x.shape[1], requested=requested)
-        if not requested and bias is None:
-            x = _original(type(block)).forward(block, x, attn_mask=attn_mask, is_causal=is_causal)
-        else:
-            y, keys = attention_with_keys(block.attn, block.norm1(x), bias, need_keys=requested > 0)
-            x = x + block.drop_path1(block.ls1(y))
-            if requested:
-                plan = self.reducer.plan(layer, self.depth, keys, self.num_prefix)
-                removed = plan.num_inputs - plan.num_outputs
-                if removed < requested:
-                    run.trace.notes.append(f"vision block {layer}: asked to remove {requested} tokens, "
-                                           f"capped at {removed} (only {plan.num_inputs} tokens, "
-                                           f"{self.num_prefix} protected)")
-                if removed:
-                    record.reducer_flops = self.reducer.overhead_flops(*keys.shape[:2], keys.shape[2], self.num_prefix)
-                    x = run.apply(plan, x)
-            x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
-        record.tokens_out = x.shape[1]
-        run.trace.layers.append(record)
-        run.trace.source_maps.append(run.source_map)
-        return x
 
-    def weighted_pool(self, x: Tensor, pool_type: str | None, run: _Run) -> Tensor:
+        def attend(x, bias, need_keys):
+            y, keys = attention_with_keys(block.attn, block.norm1(x), bias, need_keys)
+            return block.drop_path1(block.ls1(y)), keys
+
+        return self.stage.block(
+            block._tokred_layer, x, attend,
+            feed_forward=lambda x: block.drop_path2(block.ls2(block.mlp(block.norm2(x)))),
+            original=lambda x: _original(type(block)).forward(block, x, attn_mask=attn_mask, is_causal=is_causal))
+
+    def weighted_pool(self, x: Tensor, pool_type: str | None, run: TokenRun) -> Tensor:
         """The model's pooling with every token weighted by how many patches it stands for."""
         model = self.model
         start = 0 if model.pool_include_prefix else self.num_prefix
@@ -231,7 +173,7 @@ class TimmViTAdapter(Adapter):
         for record in trace.layers:
             block = model.blocks[record.layer]
             attn = block.attn
-            tokens, kept = record.tokens_in, record.tokens_out
+            tokens, kept = record.tokens_attention, record.tokens_out
             flops = linear_flops(attn, batch * tokens)
             flops += attention_flops(batch, attn.num_heads, tokens, tokens, attn.head_dim)
             flops += linear_flops(block.mlp, batch * kept)

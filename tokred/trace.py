@@ -11,14 +11,16 @@ from torch import Tensor
 class LayerRecord:
     """One layer of one stage in the last forward.
 
-    ``tokens_in`` tokens entered the layer (its attention ran on them); ``tokens_out`` left it
-    (its MLP ran on them). ``requested`` is what the reducer was asked to remove here and
-    ``removed`` what it removed after capping.
+    ``tokens_in`` tokens entered the layer, its attention ran on ``tokens_attention`` (fewer
+    when a reducer acts before the block) and ``tokens_out`` left it (its MLP ran on them).
+    ``requested`` is what the reducer was asked to remove here; ``reducer_flops`` the FLOPs of
+    the reducer's own matmuls.
     """
 
     stage: str
     layer: int
     tokens_in: int
+    tokens_attention: int
     tokens_out: int
     requested: int = 0
     reducer_flops: int = 0

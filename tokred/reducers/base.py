@@ -1,11 +1,12 @@
 """The reducer interface: a small config object plus a pure algorithm on tensors."""
 from __future__ import annotations
 
-from typing import ClassVar
-
-from torch import Tensor
+from typing import TYPE_CHECKING, ClassVar
 
 from tokred.plan import Plan
+
+if TYPE_CHECKING:
+    from tokred.engine import Signal
 
 STAGES = ("vision", "projector", "llm")
 
@@ -18,6 +19,9 @@ class Reducer:
     """
 
     stage: ClassVar[str]
+    #: where in a block the reducer acts: "after_attention" (merging, on the block's keys) or
+    #: "before_block" (on the tokens entering the block)
+    where: ClassVar[str] = "after_attention"
     #: add log(token size) to attention logits of later layers (ToMe's proportional attention)
     proportional_attention: bool = False
 
@@ -32,6 +36,6 @@ class Reducer:
         """FLOPs of the reducer's own matmuls when it plans on (batch, num_tokens, dim) keys."""
         return 0
 
-    def plan(self, layer: int, num_layers: int, keys: Tensor, num_protected: int) -> Plan:
-        """Plan for ``layer`` from the attention keys averaged over heads, (B, N, D)."""
+    def plan(self, layer: int, num_layers: int, signal: Signal) -> Plan:
+        """Plan for ``layer`` from the tokens, keys, protected count and grid in ``signal``."""
         raise NotImplementedError

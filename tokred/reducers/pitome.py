@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +17,9 @@ from torch import Tensor
 
 from tokred.plan import Plan
 from tokred.reducers.base import Reducer
+
+if TYPE_CHECKING:
+    from tokred.engine import Signal
 
 
 def energy_scores(metric: Tensor, margin: float, alpha: float = 1.0) -> tuple[Tensor, Tensor]:
@@ -136,7 +140,8 @@ class PiToMe(Reducer):
     def removes(self, layer: int, num_layers: int, num_tokens: int) -> int:
         return math.floor(num_tokens - num_tokens * self.keep)
 
-    def plan(self, layer: int, num_layers: int, keys: Tensor, num_protected: int) -> Plan:
+    def plan(self, layer: int, num_layers: int, signal: Signal) -> Plan:
+        keys, num_protected = signal.keys, signal.num_protected
         return energy_matching(keys, self.removes(layer, num_layers, keys.shape[1]), num_protected,
                                margin=self.margin_at(layer, num_layers), alpha=self.alpha,
                                protect_low_energy=self.protects_at(layer, num_layers))

@@ -6,6 +6,7 @@ by bipartite soft matching on the attention keys averaged over heads.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -13,6 +14,9 @@ from torch import Tensor
 from tokred.plan import Plan
 from tokred.reducers.base import Reducer
 from tokred.schedule import check_schedule, per_layer
+
+if TYPE_CHECKING:
+    from tokred.engine import Signal
 
 
 def bipartite_soft_matching(metric: Tensor, r: int, num_protected: int = 0) -> Plan:
@@ -100,7 +104,8 @@ class ToMe(Reducer):
     def removes(self, layer: int, num_layers: int, num_tokens: int) -> int:
         return per_layer(self.r, num_layers)[layer]
 
-    def plan(self, layer: int, num_layers: int, keys: Tensor, num_protected: int) -> Plan:
+    def plan(self, layer: int, num_layers: int, signal: Signal) -> Plan:
+        keys, num_protected = signal.keys, signal.num_protected
         return bipartite_soft_matching(keys, self.removes(layer, num_layers, keys.shape[1]), num_protected)
 
     def overhead_flops(self, batch: int, num_tokens: int, dim: int, num_protected: int) -> int:

@@ -1,0 +1,141 @@
+"""The model-agnostic half of every vision adapter: one forward's token bookkeeping and the
+reduced transformer block.
+
+An adapter supplies, per block, three callables — the attention branch (with an additive
+attention bias, optionally returning the keys averaged over heads), the MLP branch and the
+block's original forward — and :class:`VisionStage` runs the block with the reducer: before
+the block for pruning baselines, between attention and MLP for merging.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from tokred.plan import Plan, follow
+from tokred.reducers.base import Reducer
+from tokred.trace import LayerRecord, Trace
+
+#: attend(x, bias, need_keys) -> (residual update, keys averaged over heads or None)
+Attend = Callable[[Tensor, Tensor | None, bool], tuple[Tensor, Tensor | None]]
+
+
+@dataclass
+class Signal:
+    """What a vision-stage reducer may look at when it plans.
+
+    Attributes:
+        tokens: (B, N, C) hidden states at the hook point.
+        keys: (B, N, D) attention keys averaged over heads (for reducers acting after attention).
+        num_protected: leading tokens (class, distillation, registers) that must survive.
+        grid: (rows, cols) of the patch tokens while they are still the full grid, else None.
+    """
+
+    tokens: Tensor
+    keys: Tensor | None
+    num_protected: int
+    grid: tuple[int, int] | None
+
+
+class TokenRun:
+    """Token bookkeeping of one forward: sizes, patch-to-token map and the trace."""
+
+    def __init__(self, batch: int, num_prefix: int, grid: tuple[int, int] | None):
+        self.trace = Trace(batch_size=batch, num_prefix=num_prefix, grid=grid)
+        self.size: Tensor | None = None  # (B, N, 1), created by the first merge
+        self.source_map: Tensor | None = None
+        self.reduced = False
+
+    def start(self, x: Tensor) -> None:
+        batch, num_tokens = x.shape[:2]
+        self.source_map = torch.arange(num_tokens, device=x.device).expand(batch, num_tokens)
+
+    def attention_bias(self, proportional: bool) -> Tensor | None:
+        """log(size) as an additive attention mask (B, 1, 1, N) for proportional attention, or None."""
+        if not proportional or self.size is None:
+            return None
+        return self.size[..., 0].log()[:, None, None, :]
+
+    def apply(self, plan: Plan, x: Tensor) -> Tensor:
+        if plan.merges or self.size is not None:
+            size = self.size if self.size is not None else x.new_ones(*x.shape[:2], 1)
+            x, self.size = plan.weighted_mean(x, size)
+        else:
+            x = plan.select(x)
+        self.source_map = follow(self.source_map, plan)
+        self.reduced = True
+        return x
+
+    def weighted_mean(self, x: Tensor, start: int) -> Tensor:
+        """Mean of tokens ``start:`` weighted by size (a plain mean while no token was merged)."""
+        if self.size is None:
+            return x[:, start:].mean(dim=1)
+        size = self.size[:, start:]
+        return (x[:, start:] * size).sum(dim=1) / size.sum(dim=1)
+
+
+class VisionStage:
+    """Runs the blocks of a vision encoder with one reducer, and keeps the last trace."""
+
+    def __init__(self, reducer: Reducer | None, depth: int, num_prefix: int, stage: str = "vision"):
+        self.reducer, self.depth, self.num_prefix, self.stage = reducer, depth, num_prefix, stage
+        if reducer is not None:
+            reducer.check(depth)
+        self.run: TokenRun | None = None
+        self.last_run: TokenRun | None = None
+
+    def begin(self, batch: int, grid: tuple[int, int] | None) -> None:
+        self.run = TokenRun(batch, self.num_prefix, grid)
+
+    def end(self) -> Trace:
+        run = self.run
+        run.trace.sizes = run.size[..., 0] if run.size is not None else None
+        self.last_run, self.run = run, None
+        return run.trace
+
+    def abort(self) -> None:
+        self.run = None
+
+    def _reduce(self, layer: int, x: Tensor, keys: Tensor | None, record: LayerRecord, requested: int) -> Tensor:
+        run, reducer = self.run, self.reducer
+        grid = None if run.reduced else run.trace.grid
+        plan = reducer.plan(layer, self.depth, Signal(x, keys, self.num_prefix, grid))
+        removed = plan.num_inputs - plan.num_outputs
+        if removed < requested:
+            run.trace.notes.append(f"{self.stage} block {layer}: asked to remove {requested} tokens, capped at "
+                                   f"{removed} (only {plan.num_inputs} tokens, {self.num_prefix} protected)")
+        if not removed:
+            return x
+        if keys is not None:
+            record.reducer_flops += reducer.overhead_flops(*keys.shape[:2], keys.shape[2], self.num_prefix)
+        return run.apply(plan, x)
+
+    def block(self, layer: int, x: Tensor, attend: Attend, feed_forward: Callable[[Tensor], Tensor],
+              original: Callable[[Tensor], Tensor]) -> Tensor:
+        """One block: ``x + attend(x)``, the reducer, ``x + feed_forward(x)``; ``original`` when nothing changes."""
+        run, reducer = self.run, self.reducer
+        if layer == 0 or run.source_map is None:
+            run.start(x)
+        before = reducer is not None and reducer.where == "before_block"
+        requested = reducer.removes(layer, self.depth, x.shape[1]) if reducer is not None else 0
+        record = LayerRecord(self.stage, layer, tokens_in=x.shape[1], tokens_attention=x.shape[1],
+                             tokens_out=x.shape[1], requested=requested)
+        if before and requested:
+            x = self._reduce(layer, x, None, record, requested)
+            record.tokens_attention = x.shape[1]
+        during = requested if not before else 0
+        bias = run.attention_bias(reducer is not None and reducer.proportional_attention)
+        if not during and bias is None:
+            x = original(x)
+        else:
+            update, keys = attend(x, bias, during > 0)
+            x = x + update
+            if during:
+                x = self._reduce(layer, x, keys, record, requested)
+            x = x + feed_forward(x)
+        record.tokens_out = x.shape[1]
+        run.trace.layers.append(record)
+        run.trace.source_maps.append(run.source_map)
+        return x
