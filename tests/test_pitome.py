@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import tokred
+from tokred.engine import Signal
 from helpers import brute_force_pitome, tiny_vit
 from tokred.plan import follow
 from tokred.reducers.pitome import PiToMe, default_margin, energy_matching, energy_scores
@@ -52,7 +53,8 @@ def test_low_energy_tokens_are_protected():
 
 def test_reducer_schedule_and_variants():
     pitome = PiToMe(keep=0.9)
-    assert [pitome.removes(0, 12, n) for n in (197, 100, 10)] == [19, 10, 1]
+    signals = [Signal(torch.zeros(1, n, 4), None, 1, None) for n in (197, 100, 10)]
+    assert [pitome.removes(0, 12, signal) for signal in signals] == [19, 10, 1]
     assert [pitome.protects_at(layer, 12) for layer in (0, 5, 6, 11)] == [False, False, True, True]
     assert [pitome.protects_at(layer, 7) for layer in (3, 4)] == [False, True]  # ceil(7 / 2) = 4 plain layers
     assert pitome.margin_at(6, 12) == default_margin(6, 12) == 0.375
@@ -66,7 +68,7 @@ def _pitome_reference(model, images, reducer):
     depth = len(model.blocks)
 
     def merge(layer, keys, x, size, protected):
-        r = reducer.removes(layer, depth, x.shape[0])
+        r = reducer.removes(layer, depth, Signal(x[None], None, protected, None))
         return brute_force_pitome(keys, x, size, r, protected, reducer.margin_at(layer, depth),
                                   reducer.alpha, reducer.protects_at(layer, depth))
 

@@ -98,10 +98,12 @@ class VisionStage:
     def abort(self) -> None:
         self.run = None
 
+    def _signal(self, x: Tensor, keys: Tensor | None) -> Signal:
+        return Signal(x, keys, self.num_prefix, None if self.run.reduced else self.run.trace.grid)
+
     def _reduce(self, layer: int, x: Tensor, keys: Tensor | None, record: LayerRecord, requested: int) -> Tensor:
         run, reducer = self.run, self.reducer
-        grid = None if run.reduced else run.trace.grid
-        plan = reducer.plan(layer, self.depth, Signal(x, keys, self.num_prefix, grid))
+        plan = reducer.plan(layer, self.depth, self._signal(x, keys))
         removed = plan.num_inputs - plan.num_outputs
         if removed < requested:
             run.trace.notes.append(f"{self.stage} block {layer}: asked to remove {requested} tokens, capped at "
@@ -119,7 +121,7 @@ class VisionStage:
         if layer == 0 or run.source_map is None:
             run.start(x)
         before = reducer is not None and reducer.where == "before_block"
-        requested = reducer.removes(layer, self.depth, x.shape[1]) if reducer is not None else 0
+        requested = reducer.removes(layer, self.depth, self._signal(x, None)) if reducer is not None else 0
         record = LayerRecord(self.stage, layer, tokens_in=x.shape[1], tokens_attention=x.shape[1],
                              tokens_out=x.shape[1], requested=requested)
         if before and requested:

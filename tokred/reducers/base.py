@@ -28,8 +28,10 @@ class Reducer:
     def check(self, num_layers: int) -> None:
         """Raise ``ValueError`` if this reducer cannot act on a stage with ``num_layers`` layers."""
 
-    def removes(self, layer: int, num_layers: int, num_tokens: int) -> int:
-        """How many of ``num_tokens`` tokens the reducer is asked to remove at ``layer`` (0: it does not act)."""
+    def removes(self, layer: int, num_layers: int, signal: Signal) -> int:
+        """How many tokens the reducer is asked to remove at ``layer`` (0: it does not act).
+
+        ``signal`` holds the tokens entering the block (its ``keys`` are not computed yet)."""
         raise NotImplementedError
 
     def overhead_flops(self, batch: int, num_tokens: int, dim: int, num_protected: int) -> int:

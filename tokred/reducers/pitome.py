@@ -137,12 +137,13 @@ class PiToMe(Reducer):
             return layer >= math.ceil(num_layers / 2)
         return self.protect_low_energy
 
-    def removes(self, layer: int, num_layers: int, num_tokens: int) -> int:
+    def removes(self, layer: int, num_layers: int, signal: Signal) -> int:
+        num_tokens = signal.tokens.shape[1]
         return math.floor(num_tokens - num_tokens * self.keep)
 
     def plan(self, layer: int, num_layers: int, signal: Signal) -> Plan:
         keys, num_protected = signal.keys, signal.num_protected
-        return energy_matching(keys, self.removes(layer, num_layers, keys.shape[1]), num_protected,
+        return energy_matching(keys, self.removes(layer, num_layers, signal), num_protected,
                                margin=self.margin_at(layer, num_layers), alpha=self.alpha,
                                protect_low_energy=self.protects_at(layer, num_layers))
 

@@ -101,12 +101,12 @@ class ToMe(Reducer):
     def check(self, num_layers: int) -> None:
         per_layer(self.r, num_layers)
 
-    def removes(self, layer: int, num_layers: int, num_tokens: int) -> int:
+    def removes(self, layer: int, num_layers: int, signal: Signal) -> int:
         return per_layer(self.r, num_layers)[layer]
 
     def plan(self, layer: int, num_layers: int, signal: Signal) -> Plan:
         keys, num_protected = signal.keys, signal.num_protected
-        return bipartite_soft_matching(keys, self.removes(layer, num_layers, keys.shape[1]), num_protected)
+        return bipartite_soft_matching(keys, self.removes(layer, num_layers, signal), num_protected)
 
     def overhead_flops(self, batch: int, num_tokens: int, dim: int, num_protected: int) -> int:
         return matching_flops(batch, num_tokens, dim, num_protected)

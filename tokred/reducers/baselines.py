@@ -1,0 +1,151 @@
+"""Baselines users compare against: random pruning and spatial average pooling of the patch grid.
+
+Both act before one block (``layer``, default 0: right after the patch embedding) and never
+touch the protected prefix tokens (class, registers).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from tokred.plan import Plan
+from tokred.reducers.base import Reducer
+
+if TYPE_CHECKING:
+    from tokred.engine import Signal
+
+
+def _check_layer(layer) -> None:
+    if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+        raise ValueError(f"layer must be an int >= 0, got {layer!r}")
+
+
+def _check_layer_fits(layer: int, num_layers: int) -> None:
+    if layer >= num_layers:
+        raise ValueError(f"layer={layer} but the model has only {num_layers} blocks (0..{num_layers - 1})")
+
+
+def random_keep(num_tokens: int, keep: int, batch: int, num_protected: int = 0,
+                generator: torch.Generator | None = None, device=None) -> Plan:
+    """Keep plan: the protected prefix plus ``keep`` uniformly random other tokens per image, in order."""
+    scores = torch.rand(batch, num_tokens - num_protected, generator=generator, device=device)
+    chosen = scores.argsort(dim=-1)[:, :keep].sort(dim=-1).values + num_protected
+    prefix = torch.arange(num_protected, device=chosen.device).expand(batch, -1)
+    return Plan(keep=torch.cat([prefix, chosen], dim=1), num_inputs=num_tokens)
+
+
+def grid_pooling(grid: tuple[int, int], stride: tuple[int, int], batch: int, num_protected: int = 0,
+                 device=None) -> Plan:
+    """Merge plan that average-pools a row-major (rows, cols) patch grid in stride windows.
+
+    Windows at the right and bottom edges may be partial (ceil mode); each output token is the
+    mean of its window's patches, in window raster order after the protected prefix.
+    """
+    rows, cols = grid
+    window_cols = math.ceil(cols / stride[1])
+    r = torch.arange(rows, device=device)[:, None]
+    c = torch.arange(cols, device=device)[None, :]
+    window = ((r // stride[0]) * window_cols + c // stride[1]).flatten()
+    first = ((r % stride[0] == 0) & (c % stride[1] == 0)).flatten()
+    patches = torch.arange(rows * cols, device=device)
+    keep = torch.cat([torch.arange(num_protected, device=device), num_protected + patches[first]])
+    src = num_protected + patches[~first]
+    dst = num_protected + window[~first]
+    return Plan(keep=keep.expand(batch, -1), num_inputs=num_protected + rows * cols,
+                src=src.expand(batch, -1), dst=dst.expand(batch, -1))
+
+
+@dataclass(frozen=True)
+class Random(Reducer):
+    """Random pruning: before block ``layer``, keep ``keep`` of the non-prefix tokens at random.
+
+    Args:
+        keep: fraction in (0, 1] of the non-prefix tokens kept (at least one is kept).
+        layer: the block before which tokens are pruned.
+        seed: seed of the generator, reset at every forward, so a forward is reproducible.
+    """
+
+    keep: float = 0.5
+    layer: int = 0
+    seed: int = 0
+
+    stage = "vision"
+    where = "before_block"
+
+    def __post_init__(self):
+        if isinstance(self.keep, bool) or not isinstance(self.keep, (int, float)) or not 0 < self.keep <= 1:
+            raise ValueError(f"keep must be a number in (0, 1], got {self.keep!r}")
+        _check_layer(self.layer)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an int, got {self.seed!r}")
+
+    def check(self, num_layers: int) -> None:
+        _check_layer_fits(self.layer, num_layers)
+
+    def kept(self, num_candidates: int) -> int:
+        return max(1, round(self.keep * num_candidates))
+
+    def removes(self, layer: int, num_layers: int, signal: Signal) -> int:
+        if layer != self.layer:
+            return 0
+        candidates = signal.tokens.shape[1] - signal.num_protected
+        return candidates - self.kept(candidates)
+
+    def plan(self, layer: int, num_layers: int, signal: Signal) -> Plan:
+        tokens: Tensor = signal.tokens
+        generator = torch.Generator(device=tokens.device).manual_seed(self.seed)
+        keep = self.kept(tokens.shape[1] - signal.num_protected)
+        return random_keep(tokens.shape[1], keep, tokens.shape[0], signal.num_protected, generator, tokens.device)
+
+
+@dataclass(frozen=True)
+class Pool(Reducer):
+    """Spatial average pooling (downsampling) of the patch grid before block ``layer``.
+
+    Args:
+        stride: window size and step, an int or (rows, cols); 2 keeps about a quarter of the patches.
+        layer: the block before which the grid is pooled (the grid must still be complete there).
+    """
+
+    stride: int | tuple[int, int] = 2
+    layer: int = 0
+
+    stage = "vision"
+    where = "before_block"
+
+    def __post_init__(self):
+        strides = self.stride if isinstance(self.stride, tuple) else (self.stride,)
+        if len(strides) not in (1, 2) or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in strides):
+            raise ValueError(f"stride must be an int >= 1 or a (rows, cols) pair of them, got {self.stride!r}")
+        _check_layer(self.layer)
+
+    @property
+    def strides(self) -> tuple[int, int]:
+        return self.stride if isinstance(self.stride, tuple) else (self.stride, self.stride)
+
+    def check(self, num_layers: int) -> None:
+        _check_layer_fits(self.layer, num_layers)
+
+    def _grid(self, signal: Signal) -> tuple[int, int]:
+        if signal.grid is None:
+            raise ValueError("Pool needs the complete patch grid, but this model gave none or its tokens "
+                             "were already reduced")
+        rows, cols = signal.grid
+        if rows * cols + signal.num_protected != signal.tokens.shape[1]:
+            raise ValueError(f"Pool expected {signal.num_protected} prefix tokens and a {rows}x{cols} grid, "
+                             f"got {signal.tokens.shape[1]} tokens")
+        return rows, cols
+
+    def removes(self, layer: int, num_layers: int, signal: Signal) -> int:
+        if layer != self.layer:
+            return 0
+        rows, cols = self._grid(signal)
+        return rows * cols - math.ceil(rows / self.strides[0]) * math.ceil(cols / self.strides[1])
+
+    def plan(self, layer: int, num_layers: int, signal: Signal) -> Plan:
+        return grid_pooling(self._grid(signal), self.strides, signal.tokens.shape[0], signal.num_protected,
+                            signal.tokens.device)
