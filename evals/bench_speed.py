@@ -1,10 +1,12 @@
-"""ToMe speed on CPU: throughput of ViT-B/16 with tokred's ToMe against the unpatched model.
+"""Merging speed on CPU: throughput of ViT-B/16 with tokred's ToMe (and PiToMe) against the
+unpatched model.
 
 Random weights (speed does not depend on them). Every ratio is measured in this one process:
 in each round the unpatched model and every reduced copy run the same batch one after the
 other, in a rotating order, and the reported ratio is the median over rounds of
 time(unpatched) / time(reduced). The FLOPs-predicted ratio comes from tokred's analytic count;
-"of predicted" is measured / predicted. The matching + merging overhead is timed on its own.
+"of predicted" is measured / predicted. Each reducer's own overhead (matching or energy +
+merging) is timed on its own, on random inputs of the token counts the forward had.
 
     python evals/bench_speed.py                      # both cases from the issue
     python evals/bench_speed.py --rounds 3 --only 224
@@ -23,12 +25,17 @@ import torch
 from tqdm import tqdm
 
 import tokred
-from tokred.reducers.tome import bipartite_soft_matching
+from tokred.engine import Signal
 
 CASES = {
-    "224": dict(model="vit_base_patch16_224", size=224, batch=8, rs=[0, 8, 13, 16]),
-    "384": dict(model="vit_base_patch16_384", size=384, batch=4, rs=[0, 23]),
+    "224": dict(model="vit_base_patch16_224", size=224, batch=8,
+                reducers=[tokred.ToMe(r=r) for r in (0, 8, 13, 16)] + [tokred.PiToMe(keep=0.9)]),
+    "384": dict(model="vit_base_patch16_384", size=384, batch=4, reducers=[tokred.ToMe(r=0), tokred.ToMe(r=23)]),
 }
+
+
+def label(reducer) -> str:
+    return f"ToMe r={reducer.r}" if isinstance(reducer, tokred.ToMe) else f"PiToMe keep={reducer.keep}"
 
 
 def timed(model, images) -> float:
@@ -37,21 +44,22 @@ def timed(model, images) -> float:
     return time.perf_counter() - start
 
 
-def matching_overhead(model, images, r: int, repeats: int = 5) -> float:
-    """Seconds spent in ToMe's matching and merging alone, for the token counts of one forward."""
+def reducer_overhead(model, reducer, images, repeats: int = 5) -> float:
+    """Seconds spent in the reducer's planning and the merge alone, for the token counts of one forward."""
     trace = tokred.last_trace(model)
-    dim, head_dim = model.embed_dim, model.blocks[0].attn.head_dim
+    dim, head_dim, depth = model.embed_dim, model.blocks[0].attn.head_dim, len(model.blocks)
     inputs = []
     for record in trace.layers:
         if record.removed:
             keys = torch.randn(images.shape[0], record.tokens_in, head_dim)
             x = torch.randn(images.shape[0], record.tokens_in, dim)
-            inputs.append((keys, x, torch.ones(*x.shape[:2], 1)))
+            signal = Signal(x, keys, model.num_prefix_tokens, None)
+            inputs.append((record.layer, signal, torch.ones(*x.shape[:2], 1)))
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        for keys, x, size in inputs:
-            bipartite_soft_matching(keys, r, model.num_prefix_tokens).weighted_mean(x, size)
+        for layer, signal, size in inputs:
+            reducer.plan(layer, depth, signal).weighted_mean(signal.tokens, size)
         best = min(best, time.perf_counter() - start)
     return best
 
@@ -62,8 +70,8 @@ def run_case(name: str, rounds: int) -> list[dict]:
     full = timm.create_model(case["model"], pretrained=False).eval()
     images = torch.randn(case["batch"], 3, case["size"], case["size"])
     models = {"unpatched": full}
-    for r in case["rs"]:
-        models[f"r={r}"] = tokred.apply(copy.deepcopy(full), tokred.ToMe(r=r))
+    for reducer in case["reducers"]:
+        models[label(reducer)] = tokred.apply(copy.deepcopy(full), reducer)
     times: dict[str, list[float]] = {key: [] for key in models}
     with torch.inference_mode():
         full_flops = tokred.flops(full, images).total
@@ -75,8 +83,8 @@ def run_case(name: str, rounds: int) -> list[dict]:
             for key in order:
                 times[key].append(timed(models[key], images))
         rows = []
-        for r in case["rs"]:
-            key = f"r={r}"
+        for reducer in case["reducers"]:
+            key = label(reducer)
             model = models[key]
             model(images)
             flops = tokred.flops(model).total
@@ -84,26 +92,26 @@ def run_case(name: str, rounds: int) -> list[dict]:
             measured = statistics.median(per_round)
             low, _, high = statistics.quantiles(per_round, n=4) if len(per_round) > 1 else (measured,) * 3
             predicted = full_flops / flops
-            overhead = matching_overhead(model, images, r) / statistics.median(times[key]) if r else 0.0
-            rows.append(dict(model=case["model"], image_size=case["size"], batch=case["batch"], r=r,
+            overhead = reducer_overhead(model, reducer, images) / statistics.median(times[key])
+            rows.append(dict(model=case["model"], image_size=case["size"], batch=case["batch"], reducer=key,
                              tokens_last_layer=tokred.last_trace(model).final_tokens,
                              gflops_per_image=flops / case["batch"] / 1e9,
                              throughput_ratio=measured, throughput_ratio_iqr=[low, high], flops_ratio=predicted,
-                             of_predicted=measured / predicted, matching_share=overhead,
+                             of_predicted=measured / predicted, overhead_share=overhead,
                              unpatched_s=statistics.median(times["unpatched"]),
                              reduced_s=statistics.median(times[key])))
     return rows
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| model | px | batch | r | tokens at last layer | GFLOPs/img | FLOPs-predicted speedup "
-             "| measured speedup (IQR) | measured ÷ predicted | matching+merge share |",
+    lines = ["| model | px | batch | reducer | tokens after last block | GFLOPs/img | FLOPs-predicted speedup "
+             "| measured speedup (IQR) | measured ÷ predicted | reducer overhead share |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
-        lines.append(f"| {row['model']} | {row['image_size']} | {row['batch']} | {row['r']} | "
+        lines.append(f"| {row['model']} | {row['image_size']} | {row['batch']} | {row['reducer']} | "
                      f"{row['tokens_last_layer']} | {row['gflops_per_image']:.2f} | {row['flops_ratio']:.3f}x | "
                      f"{row['throughput_ratio']:.3f}x ({row['throughput_ratio_iqr'][0]:.2f}-{row['throughput_ratio_iqr'][1]:.2f}) | "
-                     f"{row['of_predicted']:.3f} | {100 * row['matching_share']:.1f}% |")
+                     f"{row['of_predicted']:.3f} | {100 * row['overhead_share']:.1f}% |")
     return "\n".join(lines)
 
 
