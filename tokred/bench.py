@@ -141,6 +141,106 @@ def _time(model: nn.Module, batch: Tensor) -> float:
     return time.perf_counter() - start
 
 
+@dataclass
+class Evaluation:
+    """What :func:`evaluate` measured: ``runs[0]`` is the full model, then one run per setting."""
+
+    runs: list[_Setting]
+    has_labels: bool
+    first_batch: Tensor
+
+    @property
+    def full(self) -> _Setting:
+        return self.runs[0]
+
+    def summaries(self) -> list[dict]:
+        """:func:`accuracy_summary` of every setting (not of the full model)."""
+        return [accuracy_summary(run, self.full, self.has_labels) for run in self.runs[1:]]
+
+
+def evaluate(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor | None]],
+             settings: list[tuple[str, Reducer | None]], device: str | torch.device = "cpu",
+             num_batches: int | None = None, progress: bool = True, shared_model: bool = False) -> Evaluation:
+    """Top-1, agreement with the full model, analytic FLOPs and tokens of ``settings`` over ``batches``.
+
+    Every batch runs through the unreduced model first (its predictions are the reference for
+    agreement), then through every setting. With ``shared_model=False`` each setting gets its own
+    deep copy of ``model`` with its reducer applied once (the copies are what :func:`run_bench`
+    times afterwards; unreduced copies are unpatched again on return). With ``shared_model=True``
+    one copy serves every setting and the setting's reducer is applied before each of its
+    forwards (the memory of one model, for long sweeps on large models); it is unpatched on
+    return. Reducer errors (unsupported model, bad schedule) surface before any batch runs.
+    """
+    from tqdm import tqdm
+
+    device = torch.device(device)
+    base = tokred.remove(copy.deepcopy(model)).to(device).eval()
+    runs = [_Setting("full", None, base)]
+    for label, reducer in settings:
+        if shared_model:
+            with tokred.applied(base, *([] if reducer is None else [reducer])):
+                pass
+            runs.append(_Setting(label, reducer, base))
+            continue
+        clone = copy.deepcopy(base)
+        if reducer is not None:
+            tokred.apply(clone, reducer)  # errors (unsupported model, bad schedule) surface here
+        runs.append(_Setting(label, reducer, clone))
+
+    first_batch = None
+    has_labels = None
+    with ExitStack() as stack, torch.inference_mode():
+        if shared_model:
+            stack.callback(tokred.remove, base)
+        else:
+            for run in runs:  # unreduced models are only instrumented while evaluating, never while timed
+                if run.reducer is None:
+                    stack.enter_context(tokred.applied(run.model))
+        bar = tqdm(batches, total=num_batches, desc="evaluating", unit="batch", disable=not progress,
+                   file=sys.stdout)
+        for images, labels in bar:
+            images = images.to(device)
+            if first_batch is None:
+                first_batch = images
+            has_labels = labels is not None if has_labels is None else has_labels
+            reference = None
+            for run in runs:
+                if shared_model:
+                    tokred.apply(run.model, *([] if run.reducer is None else [run.reducer]))
+                prediction = run.model(images).argmax(dim=-1).cpu()
+                if reference is None:
+                    reference = prediction
+                trace = tokred.last_trace(run.model)
+                run.flops += tokred.flops(run.model).total
+                run.images += images.shape[0]
+                run.final_tokens.append(trace.final_tokens)
+                run.tokens = trace.tokens()
+                run.notes = list(dict.fromkeys(run.notes + trace.notes))
+                run.agree += int((prediction == reference).sum())
+                if labels is not None:
+                    run.correct += int((prediction == labels).sum())
+    if first_batch is None:
+        raise ValueError("no images to benchmark")
+    return Evaluation(runs, bool(has_labels), first_batch)
+
+
+def accuracy_summary(run: _Setting, full: _Setting, has_labels: bool) -> dict:
+    """Tokens, FLOPs and accuracy numbers of one evaluated run (no timing)."""
+    flops = run.flops / run.images
+    final = sorted(set(run.final_tokens))
+    return {
+        "reducer": run.label,
+        "reducer_repr": repr(run.reducer) if run.reducer is not None else None,
+        "tokens_final": final[0] if len(final) == 1 else statistics.mean(run.final_tokens),
+        "tokens_per_layer": run.tokens,
+        "gflops_per_image": flops / 1e9,
+        "flops_ratio": flops / (full.flops / full.images),
+        "top1": run.correct / run.images if has_labels else None,
+        "agreement": run.agree / run.images,
+        "notes": run.notes,
+    }
+
+
 def run_bench(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor | None]],
               settings: list[tuple[str, Reducer | None]], rounds: int = 5, device: str | torch.device = "cpu",
               num_batches: int | None = None, progress: bool = True) -> dict:
@@ -155,45 +255,8 @@ def run_bench(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor | None]],
 
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
-    device = torch.device(device)
-    base = tokred.remove(copy.deepcopy(model)).to(device).eval()
-    full = _Setting("full", None, base)
-    runs = [full]
-    for label, reducer in settings:
-        clone = copy.deepcopy(base)
-        if reducer is not None:
-            tokred.apply(clone, reducer)  # errors (unsupported model, bad schedule) surface here
-        runs.append(_Setting(label, reducer, clone))
-
-    timing_batch = None
-    has_labels = None
-    with ExitStack() as stack, torch.inference_mode():
-        for run in runs:  # unreduced models are only instrumented while evaluating, never while timed
-            if run.reducer is None:
-                stack.enter_context(tokred.applied(run.model))
-        bar = tqdm(batches, total=num_batches, desc="evaluating", unit="batch", disable=not progress,
-                   file=sys.stdout)
-        for images, labels in bar:
-            images = images.to(device)
-            if timing_batch is None:
-                timing_batch = images
-            has_labels = labels is not None if has_labels is None else has_labels
-            reference = None
-            for run in runs:
-                prediction = run.model(images).argmax(dim=-1).cpu()
-                if reference is None:
-                    reference = prediction
-                trace = tokred.last_trace(run.model)
-                run.flops += tokred.flops(run.model).total
-                run.images += images.shape[0]
-                run.final_tokens.append(trace.final_tokens)
-                run.tokens = trace.tokens()
-                run.notes = list(dict.fromkeys(run.notes + trace.notes))
-                run.agree += int((prediction == reference).sum())
-                if labels is not None:
-                    run.correct += int((prediction == labels).sum())
-        if timing_batch is None:
-            raise ValueError("no images to benchmark")
+    evaluation = evaluate(model, batches, settings, device=device, num_batches=num_batches, progress=progress)
+    runs, full, timing_batch = evaluation.runs, evaluation.full, evaluation.first_batch
 
     with torch.inference_mode():
         for run in runs:  # warm-up
@@ -204,36 +267,30 @@ def run_bench(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor | None]],
             for run in runs[shift:] + runs[:shift]:
                 run.times.append(_time(run.model, timing_batch))
 
-    full_flops = full.flops / full.images
     full_time = statistics.median(full.times)
 
     def summary(run: _Setting) -> dict:
-        flops = run.flops / run.images
-        flops_ratio = flops / full_flops
+        accuracy = accuracy_summary(run, full, evaluation.has_labels)
+        flops_ratio = accuracy["flops_ratio"]
         throughput_ratio = full_time / statistics.median(run.times)
         per_round = sorted(f / t for f, t in zip(full.times, run.times))
-        final = sorted(set(run.final_tokens))
         return {
-            "reducer": run.label,
-            "reducer_repr": repr(run.reducer) if run.reducer is not None else None,
-            "tokens_final": final[0] if len(final) == 1 else statistics.mean(run.final_tokens),
-            "tokens_per_layer": run.tokens,
-            "gflops_per_image": flops / 1e9,
-            "flops_ratio": flops_ratio,
+            **{key: accuracy[key] for key in ("reducer", "reducer_repr", "tokens_final", "tokens_per_layer",
+                                               "gflops_per_image", "flops_ratio")},
             "throughput_ratio": throughput_ratio,
             "predicted_speedup": 1 / flops_ratio,
             "speedup_of_predicted": throughput_ratio * flops_ratio,
-            "top1": run.correct / run.images if has_labels else None,
-            "agreement": run.agree / run.images,
+            "top1": accuracy["top1"],
+            "agreement": accuracy["agreement"],
             "throughput_ratio_range": [per_round[0], per_round[-1]],
             "median_time_s": statistics.median(run.times),
             "times_s": run.times,
-            "notes": run.notes,
+            "notes": accuracy["notes"],
         }
 
     return {"full": summary(full), "results": [summary(run) for run in runs[1:]],
             "num_images": full.images, "timing_batch_size": int(timing_batch.shape[0]), "rounds": rounds,
-            "has_labels": bool(has_labels)}
+            "has_labels": evaluation.has_labels}
 
 
 # data ---------------------------------------------------------------------------------------
@@ -247,8 +304,13 @@ def _loader_batches(loader) -> Iterator[tuple[Tensor, Tensor]]:
         yield images, labels
 
 
-def _build(args):
-    """Model, batches, number of batches and a description of the data, from the CLI options."""
+def load_model_and_data(args):
+    """Model, batches, number of batches, a description and notes, from the options of :func:`add_model_arguments`.
+
+    No ``--model``: the embedded reference ViT on its held-out digits. ``--model`` alone: that timm
+    model on seeded random images (agreement only). ``--model --data``: an ImageFolder with the
+    model's timm transform.
+    """
     import math
 
     notes = []
@@ -298,7 +360,7 @@ def _build(args):
         notes.append(f"--limit: a fixed random subset (seed 0) of {args.limit} images")
     notes.append("accuracy assumes the sorted class-folder order matches the model's class indices")
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=False,
-                                         num_workers=args.workers)
+                                         num_workers=getattr(args, "workers", 0))
     return (model, _loader_batches(loader), len(loader),
             {"model": args.model, "data": str(args.data), "data_config": {k: (list(v) if isinstance(v, tuple) else v)
                                                                           for k, v in config.items()}}, notes)
@@ -345,7 +407,8 @@ def plot(report: dict, path: Path) -> None:
 
 
 # command line -------------------------------------------------------------------------------
-def add_arguments(parser) -> None:
+def add_model_arguments(parser) -> None:
+    """The model and data options shared by ``tokred bench`` and ``tokred sweep``."""
     parser.add_argument("--model", default=None,
                         help="timm ViT name (default: the embedded reference ViT on its digits split)")
     parser.add_argument("--pretrained", action="store_true",
@@ -356,6 +419,27 @@ def add_arguments(parser) -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers for --data")
+
+
+def check_model_arguments(args) -> None:
+    """Clear errors for the options of :func:`add_model_arguments`."""
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {args.limit}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+
+
+def versions() -> dict[str, str]:
+    """Versions recorded in the JSON reports."""
+    import numpy
+    import timm
+
+    return {"tokred": tokred.__version__, "torch": torch.__version__, "timm": timm.__version__,
+            "numpy": numpy.__version__, "python": platform.python_version()}
+
+
+def add_arguments(parser) -> None:
+    add_model_arguments(parser)
     parser.add_argument("--reducers", default=DEFAULT_REDUCERS,
                         help=f"comma-separated reducer specs (default: {DEFAULT_REDUCERS}); e.g. "
                              "'none,tome:r=8,tome:r=8:prop_attn=false,tome:r=(8,-0.5)'")
@@ -367,29 +451,22 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> int:
-    if args.limit is not None and args.limit < 1:
-        raise ValueError(f"--limit must be >= 1, got {args.limit}")
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    check_model_arguments(args)
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     settings = parse_reducers(args.reducers)
-    model, batches, num_batches, described, notes = _build(args)
+    model, batches, num_batches, described, notes = load_model_and_data(args)
     for note in notes:
         print(f"note: {note}")
     report = run_bench(model, batches, settings, rounds=args.rounds, device=args.device,
                        num_batches=num_batches, progress=not args.no_progress)
-    import timm
-    import numpy
-
     report["settings"] = {**described, "pretrained": args.pretrained, "limit": args.limit,
                           "batch_size": args.batch_size, "device": str(args.device), "rounds": args.rounds,
                           "reducers": [label for label, _ in settings], "threads": torch.get_num_threads(),
                           "notes": notes}
-    report["versions"] = {"tokred": tokred.__version__, "torch": torch.__version__, "timm": timm.__version__,
-                          "numpy": numpy.__version__, "python": platform.python_version()}
+    report["versions"] = versions()
     print()
     print(f"{described['model']} on {described['data']}: {report['num_images']} images; speed ratio = "
           f"throughput reduced / full, median of {args.rounds} interleaved rounds on a batch of "

@@ -12,6 +12,8 @@ import sys
 #: command name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("tokred.bench", "FLOPs, measured speed-up, accuracy and agreement of reducers vs the full model"),
+    "sweep": ("tokred.sweep", "top-1 and agreement vs FLOPs ratio for each reducer family over a range of strengths"),
+    "viz": ("tokred.viz_cli", "PNG of the merge groups / pruned patches per layer for one image and reducer"),
 }
 
 

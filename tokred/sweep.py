@@ -1,0 +1,257 @@
+"""``tokred sweep``: top-1 accuracy and agreement against FLOPs, per reducer family over its strengths.
+
+Every family in :data:`SWEEPS` whose reducer is registered in ``tokred.bench.REDUCERS`` is run over
+its list of specs (weakest first) on the embedded reference model and its held-out digits, or on
+``--model``/``--data``. There is no timing: the x axis is the analytic FLOPs ratio (reduced / full,
+:func:`tokred.flops`). Writes ``sweep.json``, ``sweep.csv``, ``sweep.md`` and ``sweep.png`` (one
+curve per family; the unreduced model as a dashed line) to ``--out``; ``--readme`` also puts the
+table and the plot into the README between ``<!-- sweep:start -->`` and ``<!-- sweep:end -->``.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from tokred import bench
+from tokred.reducers import Reducer
+
+#: The default sweep: reducer family -> specs, weakest reduction first. Edit the strengths here.
+#: A family runs only while its name is registered in ``tokred.bench.REDUCERS``, so entries for
+#: reducers still being written are picked up once they are registered.
+SWEEPS: dict[str, list[str]] = {
+    "tome": ["tome:r=1", "tome:r=2", "tome:r=3", "tome:r=4", "tome:r=5", "tome:r=6", "tome:r=7", "tome:r=8"],
+    "pitome": ["pitome:keep=0.95", "pitome:keep=0.9", "pitome:keep=0.85", "pitome:keep=0.8",
+               "pitome:keep=0.75", "pitome:keep=0.7", "pitome:keep=0.65", "pitome:keep=0.6"],
+    "random": ["random:keep=0.9", "random:keep=0.8", "random:keep=0.7", "random:keep=0.6",
+               "random:keep=0.5", "random:keep=0.4", "random:keep=0.3"],
+    "pool": ["pool:stride=(1,2)", "pool:stride=2", "pool:stride=(2,4)", "pool:stride=4"],
+    # Learned thresholds are not registered yet; the parameter name is a guess to check when they are.
+    "thresholds": ["thresholds:keep=0.9", "thresholds:keep=0.8", "thresholds:keep=0.7",
+                   "thresholds:keep=0.6", "thresholds:keep=0.5"],
+}
+
+JSON_NAME = "sweep.json"
+CSV_NAME = "sweep.csv"
+MARKDOWN_NAME = "sweep.md"
+PLOT_NAME = "sweep.png"
+README_START = "<!-- sweep:start -->"
+README_END = "<!-- sweep:end -->"
+README_IMAGE = "docs/sweep.png"
+CSV_COLUMNS = ["family", "spec", "tokens_final", "gflops_per_image", "flops_ratio", "top1", "agreement"]
+
+
+# which settings ----------------------------------------------------------------------------
+def available_families() -> list[str]:
+    """The families of :data:`SWEEPS` whose reducer is registered in ``tokred.bench.REDUCERS`` now."""
+    return [name for name in SWEEPS if name in bench.REDUCERS]
+
+
+def family_of(spec: str) -> str:
+    """The reducer name of a spec: ``tome:r=4`` -> ``tome``."""
+    return bench._split_top_level(spec, ":")[0].strip().lower()
+
+
+def sweep_settings(families: list[str] | None = None,
+                   specs: str | None = None) -> list[tuple[str, str, Reducer | None]]:
+    """[(family, label, reducer)] from explicit comma-separated ``specs`` or from :data:`SWEEPS`.
+
+    ``none`` entries are dropped (the unreduced model is always measured, as the reference).
+    ``families=None`` means every available family.
+    """
+    if specs is not None:
+        if families is not None:
+            raise ValueError("give either --reducers (families of the default sweep) or --specs, not both")
+        parsed = bench.parse_reducers(specs)
+        return [(family_of(label), label, reducer) for label, reducer in parsed if reducer is not None]
+    automatic = families is None
+    if automatic:
+        families = available_families()
+    settings = []
+    for family in families:
+        if family not in SWEEPS:
+            raise ValueError(f"no default sweep for '{family}'; families with one: {', '.join(SWEEPS)} "
+                             "(use --specs for anything else)")
+        if family not in bench.REDUCERS:
+            raise ValueError(f"'{family}' has a default sweep but is not a registered reducer yet; "
+                             f"registered: {', '.join(bench.REDUCERS)}")
+        try:
+            parsed = bench.parse_reducers(",".join(SWEEPS[family]))
+        except ValueError as error:
+            if not automatic:
+                raise ValueError(f"the default sweep of '{family}' (tokred.sweep.SWEEPS) does not parse: {error}") from None
+            # A newly registered reducer whose spec list in SWEEPS does not match its parameters
+            # must not break the default sweep of the others; say so loudly instead.
+            print(f"warning: skipped the '{family}' family: its specs in tokred.sweep.SWEEPS do not parse "
+                  f"({error})", file=sys.stderr)
+            continue
+        settings.extend((family, label, reducer) for label, reducer in parsed)
+    if not settings:
+        raise ValueError("nothing to sweep")
+    return settings
+
+
+def _parse_families(text: str) -> list[str]:
+    families = [name.strip().lower() for name in text.split(",")]
+    if not all(families):
+        raise ValueError(f"empty family name in --reducers '{text}'; expected e.g. tome,pitome")
+    if len(set(families)) != len(families):
+        raise ValueError(f"a family is listed twice in --reducers '{text}'")
+    return families
+
+
+# measuring ---------------------------------------------------------------------------------
+def run_sweep(model, batches, settings: list[tuple[str, str, Reducer | None]], device="cpu",
+              num_batches: int | None = None, progress: bool = True) -> dict:
+    """Evaluate every setting (one shared copy of ``model``) and the unreduced model; no timing.
+
+    Returns ``{"full": row, "results": [rows], "num_images", "has_labels"}``; the first result
+    row is the unreduced model (family and spec ``none``); each row has family, spec,
+    tokens_final, tokens_per_layer, gflops_per_image, flops_ratio, top1, agreement, notes.
+    """
+    evaluation = bench.evaluate(model, batches, [(label, reducer) for _, label, reducer in settings],
+                                device=device, num_batches=num_batches, progress=progress, shared_model=True)
+
+    def row(family: str, summary: dict) -> dict:
+        return {"family": family, "spec": summary["reducer"], **{k: v for k, v in summary.items() if k != "reducer"}}
+
+    full = row("none", {**bench.accuracy_summary(evaluation.full, evaluation.full, evaluation.has_labels),
+                        "reducer": "none"})
+    results = [full] + [row(family, summary) for (family, _, _), summary in zip(settings, evaluation.summaries())]
+    return {"full": full, "results": results, "num_images": evaluation.full.images,
+            "has_labels": evaluation.has_labels}
+
+
+# output ------------------------------------------------------------------------------------
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.2f}%"
+
+
+def format_markdown(report: dict) -> str:
+    """The results as a Markdown table, one row per setting, the unreduced model first."""
+    lines = ["| family | spec | tokens after last block | GFLOPs/img | FLOPs ratio | top-1 | agreement |",
+             "|---|---|---|---|---|---|---|"]
+    for row in report["results"]:
+        lines.append(f"| {row['family']} | `{row['spec']}` | {row['tokens_final']:g} | {row['gflops_per_image']:.4f} "
+                     f"| {row['flops_ratio']:.3f} | {_percent(row['top1'])} | {_percent(row['agreement'])} |")
+    return "\n".join(lines)
+
+
+def write_csv(report: dict, path: Path) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(CSV_COLUMNS)
+        for row in report["results"]:
+            writer.writerow(["" if row[key] is None else row[key] for key in CSV_COLUMNS])
+
+
+def plot(report: dict, path: Path) -> None:
+    """Top-1 (left) and agreement (right) against FLOPs ratio, one curve per family."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    full = report["full"]
+    families = list(dict.fromkeys(row["family"] for row in report["results"] if row["family"] != "none"))
+    colours = plt.get_cmap("tab10")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), dpi=120)
+    panels = [("top1", "top-1 accuracy (%)"), ("agreement", "agreement with the full model (%)")]
+    for ax, (key, name) in zip(axes, panels):
+        if key == "top1" and not report["has_labels"]:
+            ax.text(0.5, 0.5, "no labels: top-1 n/a", ha="center", va="center", transform=ax.transAxes)
+            ax.set_axis_off()
+            continue
+        reference = 100 * full[key]
+        ax.axhline(reference, color="black", linestyle="--", linewidth=1,
+                   label=f"unreduced ({reference:.2f}%)")
+        for k, family in enumerate(families):
+            rows = sorted((row for row in report["results"] if row["family"] == family),
+                          key=lambda row: row["flops_ratio"])
+            ax.plot([row["flops_ratio"] for row in rows], [100 * row[key] for row in rows], "o-",
+                    color=colours(k % 10), markersize=4, linewidth=1.5, label=family)
+        ax.set_xlabel("FLOPs ratio (reduced / full)")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
+    fig.suptitle(f"{report['settings']['model']} on {report['settings']['data']} "
+                 f"({report['num_images']} images): FLOPs vs accuracy", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def update_readme(readme: Path, markdown: str, image: str = README_IMAGE) -> None:
+    """Replace what lies between the sweep markers in ``readme`` with ``markdown`` and an image link."""
+    text = readme.read_text()
+    if text.count(README_START) != 1 or text.count(README_END) != 1:
+        raise ValueError(f"{readme} must contain the markers {README_START} and {README_END} exactly once each")
+    start, end = text.index(README_START), text.index(README_END)
+    if end < start:
+        raise ValueError(f"in {readme}, {README_END} comes before {README_START}")
+    head, tail = text[:start], text[end + len(README_END):]
+    block = f"{README_START}\n{markdown}\n\n![FLOPs ratio versus top-1 and agreement per reducer family]({image})\n{README_END}"
+    readme.write_text(head + block + tail)
+
+
+# command line ------------------------------------------------------------------------------
+def add_arguments(parser) -> None:
+    bench.add_model_arguments(parser)
+    parser.add_argument("--reducers", default=None,
+                        help=f"comma-separated families of the default sweep (default: every registered one "
+                             f"of {', '.join(SWEEPS)}); their specs are tokred.sweep.SWEEPS")
+    parser.add_argument("--specs", default=None,
+                        help="explicit comma-separated reducer specs instead, e.g. 'tome:r=2,tome:r=6,pitome:keep=0.8'")
+    parser.add_argument("--out", type=Path, default=Path("results/sweep"), help="output directory")
+    parser.add_argument("--readme", type=Path, nargs="?", const=Path("README.md"), default=None,
+                        help="also rewrite the README section between the sweep markers (default file: "
+                             f"./README.md) and copy the plot to {README_IMAGE} next to it")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def main(args) -> int:
+    bench.check_model_arguments(args)
+    families = None if args.reducers is None else _parse_families(args.reducers)
+    settings = sweep_settings(families, args.specs)
+    if args.readme is not None and not args.readme.is_file():
+        raise FileNotFoundError(f"README {args.readme} not found (pass --readme PATH)")
+    if families is None and args.specs is None:
+        missing = [name for name in SWEEPS if name not in bench.REDUCERS]
+        if missing:
+            print(f"note: not registered (yet), skipped: {', '.join(missing)}")
+    model, batches, num_batches, described, notes = bench.load_model_and_data(args)
+    for note in notes:
+        print(f"note: {note}")
+    report = run_sweep(model, batches, settings, device=args.device, num_batches=num_batches,
+                       progress=not args.no_progress)
+    report["settings"] = {**described, "pretrained": args.pretrained, "limit": args.limit,
+                          "batch_size": args.batch_size, "device": str(args.device),
+                          "families": list(dict.fromkeys(family for family, _, _ in settings)),
+                          "specs": [label for _, label, _ in settings], "notes": notes}
+    report["versions"] = bench.versions()
+
+    markdown = format_markdown(report)
+    header = (f"{described['model']} on {described['data']}: {report['num_images']} images; "
+              "FLOPs ratio = analytic FLOPs reduced / full (no timing)")
+    print()
+    print(header)
+    print(markdown)
+    noted = [row["spec"] for row in report["results"] if row["notes"]]
+    if noted:
+        print(f"notes (e.g. capped requests) for {', '.join(noted)}: see {args.out / JSON_NAME}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    paths = {name: args.out / name for name in (JSON_NAME, CSV_NAME, MARKDOWN_NAME, PLOT_NAME)}
+    paths[JSON_NAME].write_text(json.dumps(report, indent=2) + "\n")
+    write_csv(report, paths[CSV_NAME])
+    paths[MARKDOWN_NAME].write_text(f"{header}\n\n{markdown}\n")
+    plot(report, paths[PLOT_NAME])
+    print(f"wrote {', '.join(str(path) for path in paths.values())}")
+    if args.readme is not None:
+        image = args.readme.parent / README_IMAGE
+        image.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(paths[PLOT_NAME], image)
+        update_readme(args.readme, markdown)
+        print(f"updated {args.readme} and {image}")
+    return 0
