@@ -19,8 +19,7 @@ from tokred import bench
 from tokred.reducers import Reducer
 
 #: The default sweep: reducer family -> specs, weakest reduction first. Edit the strengths here.
-#: A family runs only while its name is registered in ``tokred.bench.REDUCERS``, so entries for
-#: reducers still being written are picked up once they are registered.
+#: A family runs only while its name is registered in ``tokred.bench.REDUCERS``.
 SWEEPS: dict[str, list[str]] = {
     "tome": ["tome:r=1", "tome:r=2", "tome:r=3", "tome:r=4", "tome:r=5", "tome:r=6", "tome:r=7", "tome:r=8"],
     "pitome": ["pitome:keep=0.95", "pitome:keep=0.9", "pitome:keep=0.85", "pitome:keep=0.8",
@@ -28,9 +27,6 @@ SWEEPS: dict[str, list[str]] = {
     "random": ["random:keep=0.9", "random:keep=0.8", "random:keep=0.7", "random:keep=0.6",
                "random:keep=0.5", "random:keep=0.4", "random:keep=0.3"],
     "pool": ["pool:stride=(1,2)", "pool:stride=2", "pool:stride=(2,4)", "pool:stride=4"],
-    # Learned thresholds are not registered yet; the parameter name is a guess to check when they are.
-    "thresholds": ["thresholds:keep=0.9", "thresholds:keep=0.8", "thresholds:keep=0.7",
-                   "thresholds:keep=0.6", "thresholds:keep=0.5"],
 }
 
 JSON_NAME = "sweep.json"
