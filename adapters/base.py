@@ -37,6 +37,8 @@ class Adapter:
 
     family: ClassVar[str]
     stages: ClassVar[tuple[str, ...]]
+    #: its attention hands reducers per-head queries and keys (``tokred.engine.Heads``)
+    provides_heads: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

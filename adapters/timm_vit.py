@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tokred.adapters.base import Adapter, restore_class, swap_class
-from tokred.engine import TokenRun, VisionStage
+from tokred.engine import Heads, TokenRun, VisionStage
 from tokred.flops import FlopsReport, attention_flops, conv_flops, linear_flops
 from tokred.reducers.base import Reducer
 from tokred.trace import Trace
@@ -24,8 +24,8 @@ def _original(module_class: type) -> type:
     return getattr(module_class, "_tokred_original_class", module_class)
 
 
-def attention_with_keys(attn: nn.Module, x: Tensor, bias: Tensor | None, need_keys: bool) -> tuple[Tensor, Tensor | None]:
-    """timm ``Attention.forward`` with an additive bias, also returning the keys averaged over heads."""
+def attention_with_heads(attn: nn.Module, x: Tensor, bias: Tensor | None, need_heads: bool) -> tuple[Tensor, Heads | None]:
+    """timm ``Attention.forward`` with an additive bias, also returning its queries and keys."""
     batch, num_tokens, _ = x.shape
     gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
     qkv = attn.qkv(x).reshape(batch, num_tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
@@ -43,7 +43,7 @@ def attention_with_keys(attn: nn.Module, x: Tensor, bias: Tensor | None, need_ke
     if gate is not None:
         x = x * gate
     x = attn.proj_drop(attn.proj(x))
-    return x, (k.mean(dim=1) if need_keys else None)
+    return x, (Heads(q, k, attn.scale, bias) if need_heads else None)
 
 
 class _BlockMixin:
@@ -81,6 +81,7 @@ class TimmViTAdapter(Adapter):
     family = ("timm VisionTransformer (ViT, DeiT, distilled DeiT, register, LayerScale and q/k-norm "
               "variants built from timm Block and Attention)")
     stages = ("vision",)
+    provides_heads = True
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
@@ -141,9 +142,9 @@ class TimmViTAdapter(Adapter):
             raise ValueError("tokred cannot reduce tokens when an attention mask or causal attention is "
                              "passed to the ViT blocks")
 
-        def attend(x, bias, need_keys):
-            y, keys = attention_with_keys(block.attn, block.norm1(x), bias, need_keys)
-            return block.drop_path1(block.ls1(y)), keys
+        def attend(x, bias, need_heads):
+            y, heads = attention_with_heads(block.attn, block.norm1(x), bias, need_heads)
+            return block.drop_path1(block.ls1(y)), heads
 
         return self.stage.block(
             block._tokred_layer, x, attend,
@@ -157,11 +158,11 @@ class TimmViTAdapter(Adapter):
         if model.attn_pool is not None:
             return model.attn_pool(x[:, start:], attn_mask=run.size[:, start:, 0].log()[:, None, None, :])
         pool_type = model.global_pool if pool_type is None else pool_type
-        if pool_type == "avg":
-            return run.weighted_mean(x, start)
-        if pool_type == "avgmax":
-            return 0.5 * (x[:, start:].amax(dim=1) + run.weighted_mean(x, start))
-        return _original(type(model)).pool(model, x, pool_type)  # token, max, none: sizes do not matter
+        if pool_type in ("token", ""):
+            return _original(type(model)).pool(model, x, pool_type)  # sizes do not matter
+        mean = run.weighted_mean(x, start)
+        largest = x[:, start:].masked_fill(run.size[:, start:] == 0, -torch.inf).amax(dim=1)  # padding never wins
+        return {"avg": mean, "avgmax": 0.5 * (largest + mean), "max": largest}[pool_type]
 
     # FLOPs --------------------------------------------------------------------------------
     def flops(self, trace: Trace) -> FlopsReport:

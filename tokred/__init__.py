@@ -3,12 +3,13 @@ from tokred import viz
 from tokred.api import applied, apply, flops, last_trace, reducers_of, remove
 from tokred.flops import FlopsReport
 from tokred.plan import Plan
-from tokred.reducers import PiToMe, Pool, Random, Reducer, ToMe, bipartite_soft_matching, energy_matching
+from tokred.reducers import (PiToMe, Pool, Random, Reducer, Thresholds, ToMe, bipartite_soft_matching,
+                             energy_matching)
 from tokred.trace import LayerRecord, Trace
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "FlopsReport", "LayerRecord", "PiToMe", "Plan", "Pool", "Random", "Reducer", "ToMe", "Trace", "applied", "apply",
+    "FlopsReport", "LayerRecord", "PiToMe", "Plan", "Pool", "Random", "Reducer", "Thresholds", "ToMe", "Trace", "applied", "apply",
     "bipartite_soft_matching", "energy_matching", "flops", "last_trace", "reducers_of", "remove", "viz",
 ]

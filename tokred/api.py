@@ -31,6 +31,9 @@ def apply(model: nn.Module, *reducers: Reducer) -> nn.Module:
         if reducer.stage not in adapter_class.stages:
             raise ValueError(f"{type(reducer).__name__} acts at the '{reducer.stage}' stage, which "
                              f"{type(model).__name__} does not have; its stages are {list(adapter_class.stages)}")
+        if reducer.needs_heads and not adapter_class.provides_heads:
+            raise ValueError(f"{type(reducer).__name__} needs the attention's per-head queries and keys, which "
+                             f"tokred's adapter for {type(model).__name__} does not provide yet")
         if reducer.stage in by_stage:
             raise ValueError(f"two reducers at the '{reducer.stage}' stage ({by_stage[reducer.stage]!r} and "
                              f"{reducer!r}); give one reducer per stage")

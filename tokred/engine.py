@@ -18,8 +18,46 @@ from tokred.plan import Plan, follow
 from tokred.reducers.base import Reducer
 from tokred.trace import LayerRecord, Trace
 
-#: attend(x, bias, need_keys) -> (residual update, keys averaged over heads or None)
-Attend = Callable[[Tensor, Tensor | None, bool], tuple[Tensor, Tensor | None]]
+@dataclass
+class Heads:
+    """Per-head queries and keys of one attention call, for reducers that need more than keys."""
+
+    q: Tensor  # (B, H, N, D), after any q/k normalisation
+    k: Tensor  # (B, H, N, D)
+    scale: float
+    bias: Tensor | None  # the additive bias the attention used, (B, 1, 1, N)
+
+    def mean_keys(self) -> Tensor:
+        return self.k.mean(dim=1)
+
+    def received(self, weights: Tensor | None = None, chunk: int = 256) -> Tensor:
+        """(B, N) attention each token receives, averaged over heads and (``weights``-weighted) queries.
+
+        Computed over chunks of queries from the logits and their log-sum-exp, so at most
+        chunk x N logits per head exist at a time, never the full N x N attention matrix. Costs
+        one extra QK^T (see :meth:`flops`).
+        """
+        batch, heads, num_tokens, _ = self.q.shape
+        total = self.q.new_zeros(batch, heads, num_tokens)
+        for start in range(0, num_tokens, chunk):
+            logits = (self.q[:, :, start:start + chunk] * self.scale) @ self.k.transpose(-1, -2)
+            if self.bias is not None:
+                logits = logits + self.bias
+            probs = (logits - logits.logsumexp(dim=-1, keepdim=True)).exp()
+            if weights is not None:
+                probs = probs * weights[:, None, start:start + chunk, None]
+            total = total + probs.sum(dim=2)
+        count = num_tokens if weights is None else weights.sum(dim=1)[:, None]
+        return total.mean(dim=1) / count
+
+    def flops(self) -> int:
+        """FLOPs of :meth:`received`: one QK^T."""
+        batch, heads, num_tokens, dim = self.q.shape
+        return 2 * batch * heads * num_tokens * num_tokens * dim
+
+
+#: attend(x, bias, need_signal) -> (residual update, Heads or keys averaged over heads, or None)
+Attend = Callable[[Tensor, Tensor | None, bool], tuple[Tensor, "Heads | Tensor | None"]]
 
 
 @dataclass
@@ -31,12 +69,16 @@ class Signal:
         keys: (B, N, D) attention keys averaged over heads (for reducers acting after attention).
         num_protected: leading tokens (class, distillation, registers) that must survive.
         grid: (rows, cols) of the patch tokens while they are still the full grid, else None.
+        heads: per-head queries and keys, when the adapter provides them.
+        sizes: (B, N, 1) token sizes once tokens were merged or padded (0 marks padding), else None.
     """
 
     tokens: Tensor
     keys: Tensor | None
     num_protected: int
     grid: tuple[int, int] | None
+    heads: Heads | None = None
+    sizes: Tensor | None = None
 
 
 class TokenRun:
@@ -44,22 +86,26 @@ class TokenRun:
 
     def __init__(self, batch: int, num_prefix: int, grid: tuple[int, int] | None):
         self.trace = Trace(batch_size=batch, num_prefix=num_prefix, grid=grid)
-        self.size: Tensor | None = None  # (B, N, 1), created by the first merge
+        self.size: Tensor | None = None  # (B, N, 1), created by the first merge; 0 marks padding
         self.source_map: Tensor | None = None
         self.reduced = False
+        self.padded = False
 
     def start(self, x: Tensor) -> None:
         batch, num_tokens = x.shape[:2]
         self.source_map = torch.arange(num_tokens, device=x.device).expand(batch, num_tokens)
 
     def attention_bias(self, proportional: bool) -> Tensor | None:
-        """log(size) as an additive attention mask (B, 1, 1, N) for proportional attention, or None."""
-        if not proportional or self.size is None:
+        """Additive attention mask (B, 1, 1, N): log(size) for proportional attention, and
+        padding masked out (log 0); None when neither applies."""
+        if self.size is None or not (proportional or self.padded):
             return None
-        return self.size[..., 0].log()[:, None, None, :]
+        weights = self.size[..., 0] if proportional else (self.size[..., 0] > 0).to(self.size.dtype)
+        return weights.clamp_min(torch.finfo(weights.dtype).tiny).log()[:, None, None, :]
 
     def apply(self, plan: Plan, x: Tensor) -> Tensor:
-        if plan.merges or self.size is not None:
+        self.padded = self.padded or plan.padded
+        if plan.merges or self.size is not None or plan.padded:
             size = self.size if self.size is not None else x.new_ones(*x.shape[:2], 1)
             x, self.size = plan.weighted_mean(x, size)
         else:
@@ -98,20 +144,25 @@ class VisionStage:
     def abort(self) -> None:
         self.run = None
 
-    def _signal(self, x: Tensor, keys: Tensor | None) -> Signal:
-        return Signal(x, keys, self.num_prefix, None if self.run.reduced else self.run.trace.grid)
+    def _signal(self, x: Tensor, attention: Heads | Tensor | None) -> Signal:
+        heads = attention if isinstance(attention, Heads) else None
+        keys = heads.mean_keys() if heads is not None else attention
+        return Signal(x, keys, self.num_prefix, None if self.run.reduced else self.run.trace.grid, heads,
+                      self.run.size)
 
-    def _reduce(self, layer: int, x: Tensor, keys: Tensor | None, record: LayerRecord, requested: int) -> Tensor:
+    def _reduce(self, layer: int, x: Tensor, attention: Heads | Tensor | None, record: LayerRecord,
+                requested: int) -> Tensor:
         run, reducer = self.run, self.reducer
-        plan = reducer.plan(layer, self.depth, self._signal(x, keys))
+        signal = self._signal(x, attention)
+        plan = reducer.plan(layer, self.depth, signal)
         removed = plan.num_inputs - plan.num_outputs
-        if removed < requested:
+        if removed < requested and not reducer.decides_per_token:
             run.trace.notes.append(f"{self.stage} block {layer}: asked to remove {requested} tokens, capped at "
                                    f"{removed} (only {plan.num_inputs} tokens, {self.num_prefix} protected)")
         if not removed:
             return x
-        if keys is not None:
-            record.reducer_flops += reducer.overhead_flops(*keys.shape[:2], keys.shape[2], self.num_prefix)
+        if signal.keys is not None:
+            record.reducer_flops += reducer.overhead_flops(signal)
         return run.apply(plan, x)
 
     def block(self, layer: int, x: Tensor, attend: Attend, feed_forward: Callable[[Tensor], Tensor],
@@ -132,12 +183,14 @@ class VisionStage:
         if not during and bias is None:
             x = original(x)
         else:
-            update, keys = attend(x, bias, during > 0)
+            update, attention = attend(x, bias, during > 0)
             x = x + update
             if during:
-                x = self._reduce(layer, x, keys, record, requested)
+                x = self._reduce(layer, x, attention, record, requested)
             x = x + feed_forward(x)
         record.tokens_out = x.shape[1]
+        if run.padded:
+            record.tokens_per_image = (run.size[..., 0] > 0).sum(dim=1).tolist()
         run.trace.layers.append(record)
         run.trace.source_maps.append(run.source_map)
         return x

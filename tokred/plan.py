@@ -48,12 +48,15 @@ class Plan:
         src: (B, R) input indices merged into another token, or None for a pure keep plan.
         dst: (B, R) output position (0 <= dst < M) each ``src`` token merges into.
         num_inputs: N, the number of input tokens.
+        padded: images keep different numbers of tokens; ``keep`` and ``src`` entries equal to
+            N are padding. Padding outputs are zero with size 0, padding sources add nothing.
     """
 
     keep: Tensor
     num_inputs: int
     src: Tensor | None = None
     dst: Tensor | None = None
+    padded: bool = False
 
     @property
     def num_outputs(self) -> int:
@@ -63,14 +66,18 @@ class Plan:
     def merges(self) -> bool:
         return self.src is not None and self.src.shape[1] > 0
 
+    def _with_null_row(self, x: Tensor) -> Tensor:
+        """``x`` with a zero row appended for padding indices to point at (padded plans only)."""
+        return torch.cat([x, x.new_zeros(x.shape[0], 1, *x.shape[2:])], dim=1) if self.padded else x
+
     def select(self, x: Tensor) -> Tensor:
         """Output tokens' own entries of ``x`` (B, N, ...): positions, masks, ids."""
-        return take(x, self.keep)
+        return take(self._with_null_row(x), self.keep)
 
     def sum(self, x: Tensor) -> Tensor:
         """Sum of ``x`` (B, N, ...) over the input tokens each output token stands for."""
         out = self.select(x)
-        return _add_rows(out, self.dst, take(x, self.src)) if self.merges else out
+        return _add_rows(out, self.dst, take(self._with_null_row(x), self.src)) if self.merges else out
 
     def weighted_mean(self, x: Tensor, size: Tensor) -> tuple[Tensor, Tensor]:
         """Size-weighted mean of ``x`` (B, N, C) per output token, and the summed sizes (B, M, 1).
@@ -80,6 +87,7 @@ class Plan:
         """
         out, out_size = self.select(x), self.sum(size)
         if self.merges:
+            x, size = self._with_null_row(x), self._with_null_row(size)
             weight = take(size, self.src) / take(out_size, self.dst)
             _add_rows(out, self.dst, weight * (take(x, self.src) - take(out, self.dst)))
         return out, out_size
@@ -87,12 +95,12 @@ class Plan:
     def destinations(self) -> Tensor:
         """(B, N) output position each input token ends up in, or -1 if it was dropped."""
         batch = self.keep.shape[0]
-        dest = self.keep.new_full((batch, self.num_inputs), -1)
+        dest = self.keep.new_full((batch, self.num_inputs + 1), -1)  # the last column absorbs padding
         positions = torch.arange(self.num_outputs, device=self.keep.device).expand(batch, -1)
         dest.scatter_(1, self.keep, positions)
         if self.merges:
             dest.scatter_(1, self.src, self.dst)
-        return dest
+        return dest[:, :self.num_inputs]
 
 
 def follow(source_map: Tensor, plan: Plan) -> Tensor:

@@ -24,6 +24,8 @@ class LayerRecord:
     tokens_out: int
     requested: int = 0
     reducer_flops: int = 0
+    #: tokens each image really kept, when images keep different numbers (else None: all tokens_out)
+    tokens_per_image: list[int] | None = None
 
     @property
     def removed(self) -> int:

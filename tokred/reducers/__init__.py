@@ -2,7 +2,8 @@
 from tokred.reducers.base import STAGES, Reducer
 from tokred.reducers.baselines import Pool, Random, grid_pooling, random_keep
 from tokred.reducers.pitome import PiToMe, energy_matching
+from tokred.reducers.thresholds import Thresholds, threshold_plan
 from tokred.reducers.tome import ToMe, bipartite_soft_matching
 
-__all__ = ["STAGES", "PiToMe", "Pool", "Random", "Reducer", "ToMe", "bipartite_soft_matching", "energy_matching",
-           "grid_pooling", "random_keep"]
+__all__ = ["STAGES", "PiToMe", "Pool", "Random", "Reducer", "Thresholds", "ToMe", "bipartite_soft_matching",
+           "energy_matching", "grid_pooling", "random_keep", "threshold_plan"]

@@ -24,6 +24,10 @@ class Reducer:
     where: ClassVar[str] = "after_attention"
     #: add log(token size) to attention logits of later layers (ToMe's proportional attention)
     proportional_attention: bool = False
+    #: needs per-head queries and keys (``Signal.heads``), not only the keys averaged over heads
+    needs_heads: ClassVar[bool] = False
+    #: decides token by token, so ``removes`` is only an upper bound, not a request to report on
+    decides_per_token: ClassVar[bool] = False
 
     def check(self, num_layers: int) -> None:
         """Raise ``ValueError`` if this reducer cannot act on a stage with ``num_layers`` layers."""
@@ -34,8 +38,8 @@ class Reducer:
         ``signal`` holds the tokens entering the block (its ``keys`` are not computed yet)."""
         raise NotImplementedError
 
-    def overhead_flops(self, batch: int, num_tokens: int, dim: int, num_protected: int) -> int:
-        """FLOPs of the reducer's own matmuls when it plans on (batch, num_tokens, dim) keys."""
+    def overhead_flops(self, signal: Signal) -> int:
+        """FLOPs of the reducer's own matmuls when it plans on ``signal``."""
         return 0
 
     def plan(self, layer: int, num_layers: int, signal: Signal) -> Plan:
