@@ -62,3 +62,7 @@ class Adapter:
 
     def flops(self, trace: Trace) -> FlopsReport:
         raise NotImplementedError
+
+    def layer_costs(self, layer: int):
+        """:class:`tokred.calibrate.LayerCosts` of a block, for calibrating to a FLOPs budget."""
+        raise NotImplementedError(f"{self.family}: calibrating thresholds is not supported yet")

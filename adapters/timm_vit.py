@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tokred.adapters.base import Adapter, restore_class, swap_class
+from tokred.calibrate import LayerCosts
 from tokred.engine import Heads, TokenRun, VisionStage
 from tokred.flops import FlopsReport, attention_flops, conv_flops, linear_flops
 from tokred.reducers.base import Reducer
@@ -184,6 +185,12 @@ class TimmViTAdapter(Adapter):
         if self.head_mode is not None:
             report.add("vision", "head", self._head_flops(trace))
         return report
+
+    def layer_costs(self, layer: int) -> LayerCosts:
+        block = self.model.blocks[layer]
+        return LayerCosts(per_attention_token=linear_flops(block.attn, 1),
+                          per_token_pair=attention_flops(1, block.attn.num_heads, 1, 1, block.attn.head_dim),
+                          per_mlp_token=linear_flops(block.mlp, 1))
 
     def _head_flops(self, trace: Trace) -> int:
         model, batch = self.model, trace.batch_size

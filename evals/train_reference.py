@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from tokred.reference import (CONFIG_FILE, DATA_FILE, IMAGE_SIZE, WEIGHTS_FILE, build_reference_model,
+from tokred.reference import (CONFIG_FILE, DATA_FILE, IMAGE_SIZE, WEIGHTS_FILE, build_reference_model, digits_split,
                               digits_to_unit, normalise)
 
 SEED = 0
@@ -79,22 +79,13 @@ def accuracy(model, images, labels, batch_size=256) -> float:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
     torch.set_num_threads(args.threads)
     torch.manual_seed(SEED)
     np.random.seed(SEED)
     random.seed(SEED)
     torch.use_deterministic_algorithms(True)
 
-    digits = load_digits()
-    raw = digits.images.astype(np.uint8)  # integers 0..16 stored as float64
-    assert np.array_equal(raw, digits.images), "digits are expected to be integers 0..16"
-    labels = digits.target.astype(np.int64)
-    idx_train, idx_test = train_test_split(np.arange(len(labels)), test_size=TEST_FRACTION,
-                                           stratify=labels, random_state=SPLIT_SEED)
-    idx_train, idx_test = np.sort(idx_train), np.sort(idx_test)
+    raw, labels, idx_train, idx_test = digits_split(TEST_FRACTION, SPLIT_SEED)
 
     train_unit = digits_to_unit(raw[idx_train])
     mean, std = train_unit.mean().item(), train_unit.std().item()

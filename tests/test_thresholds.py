@@ -14,7 +14,8 @@ from tokred.reducers.thresholds import Thresholds, threshold_plan
 
 def brute_force_thresholds(q, k, scale, sizes, protected, merge, prune):
     """The hard rule for one image, token by token: returns the groups of input tokens per output.
-    Attention is proportional (log size added to the logits), so size-0 tokens are invisible."""
+    Attention is proportional (log size added to the logits), so size-0 tokens are invisible;
+    A and B alternate over the live tokens."""
     n = q.shape[1]
     alive = [size > 0 for size in sizes]
     live = [j for j in range(n) if alive[j]]
@@ -24,13 +25,12 @@ def brute_force_thresholds(q, k, scale, sizes, protected, merge, prune):
     pruned = {j for j in live if j >= protected and importance[j] < prune}
     keys = k.mean(0)
     merged = {}
-    a_tokens = [i for i in range(protected, n) if i % 2 == 0]
-    b_tokens = [j for j in range(protected, n) if j % 2 == 1]
+    a_tokens = [j for rank, j in enumerate(live) if rank >= protected and rank % 2 == 0]
+    b_tokens = [j for rank, j in enumerate(live) if rank >= protected and rank % 2 == 1]
     for a in a_tokens:
-        if not alive[a] or a in pruned:
+        if a in pruned:
             continue
-        scores = [torch.nn.functional.cosine_similarity(keys[a], keys[b], dim=0).item() if alive[b] else -math.inf
-                  for b in b_tokens]
+        scores = [torch.nn.functional.cosine_similarity(keys[a], keys[b], dim=0).item() for b in b_tokens]
         best = max(scores)
         target = b_tokens[scores.index(best)]
         if best > merge and target not in pruned:

@@ -1,6 +1,7 @@
 """tokred: composable visual token reduction for ViTs and vision-language models."""
 from tokred import viz
 from tokred.api import applied, apply, flops, last_trace, reducers_of, remove
+from tokred.calibrate import calibrate
 from tokred.flops import FlopsReport
 from tokred.plan import Plan
 from tokred.reducers import (PiToMe, Pool, Random, Reducer, Thresholds, ToMe, bipartite_soft_matching,
@@ -10,6 +11,6 @@ from tokred.trace import LayerRecord, Trace
 __version__ = "0.1.0"
 
 __all__ = [
-    "FlopsReport", "LayerRecord", "PiToMe", "Plan", "Pool", "Random", "Reducer", "Thresholds", "ToMe", "Trace", "applied", "apply",
+    "FlopsReport", "LayerRecord", "PiToMe", "Plan", "Pool", "Random", "Reducer", "Thresholds", "ToMe", "Trace", "applied", "apply", "calibrate",
     "bipartite_soft_matching", "energy_matching", "flops", "last_trace", "reducers_of", "remove", "viz",
 ]

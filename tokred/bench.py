@@ -25,10 +25,11 @@ import torch
 from torch import Tensor, nn
 
 import tokred
-from tokred.reducers import PiToMe, Pool, Random, Reducer, ToMe
+from tokred.reducers import PiToMe, Pool, Random, Reducer, Thresholds, ToMe
 
 #: reducer names accepted in ``--reducers`` specs (``none`` means no reduction)
-REDUCERS: dict[str, type[Reducer]] = {"tome": ToMe, "pitome": PiToMe, "random": Random, "pool": Pool}
+REDUCERS: dict[str, type[Reducer]] = {"tome": ToMe, "pitome": PiToMe, "random": Random, "pool": Pool,
+                                       "thresholds": Thresholds}
 DEFAULT_REDUCERS = "none,tome:r=2,tome:r=4,tome:r=6,tome:r=8"
 JSON_NAME = "bench.json"
 PLOT_NAME = "flops_vs_accuracy.png"

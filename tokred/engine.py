@@ -131,6 +131,8 @@ class VisionStage:
             reducer.check(depth)
         self.run: TokenRun | None = None
         self.last_run: TokenRun | None = None
+        #: set by :func:`tokred.calibrate` while thresholds are trained (soft decisions, no removal)
+        self.calibration = None
 
     def begin(self, batch: int, grid: tuple[int, int] | None) -> None:
         self.run = TokenRun(batch, self.num_prefix, grid)
@@ -171,6 +173,8 @@ class VisionStage:
         run, reducer = self.run, self.reducer
         if layer == 0 or run.source_map is None:
             run.start(x)
+        if self.calibration is not None:
+            return self.calibration.block(self, layer, x, attend, feed_forward)
         before = reducer is not None and reducer.where == "before_block"
         requested = reducer.removes(layer, self.depth, self._signal(x, None)) if reducer is not None else 0
         record = LayerRecord(self.stage, layer, tokens_in=x.shape[1], tokens_attention=x.shape[1],

@@ -82,6 +82,32 @@ def load_reference_model() -> nn.Module:
     return model.eval()
 
 
+def digits_split(test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """scikit-learn's digits and the stratified train/test split of the reference model:
+    (raw (N, 8, 8) uint8, labels (N,), sorted train indices, sorted test indices)."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    raw = digits.images.astype(np.uint8)  # integers 0..16 stored as float64
+    if not np.array_equal(raw, digits.images):
+        raise ValueError("scikit-learn's digits are expected to be integers 0..16")
+    labels = digits.target.astype(np.int64)
+    train, test = train_test_split(np.arange(len(labels)), test_size=test_fraction, stratify=labels,
+                                   random_state=seed)
+    return raw, labels, np.sort(train), np.sort(test)
+
+
+def load_reference_train_data() -> tuple[Tensor, Tensor]:
+    """The reference model's training split (needs scikit-learn), preprocessed like the test split;
+    for calibrating reducers without touching the held-out images."""
+    config = load_reference_config()
+    norm, split = config["normalisation"], config["dataset"]
+    raw, labels, train, _ = digits_split(split["test_fraction"], split["split_seed"])
+    images = preprocess_digits(raw[train], norm["mean"], norm["std"], config["input_size"][-1])
+    return images, torch.as_tensor(labels[train], dtype=torch.long)
+
+
 def load_reference_data() -> tuple[Tensor, Tensor]:
     """The held-out digits split: normalised images (N, 1, 32, 32) float32 and labels (N,) long."""
     config = load_reference_config()

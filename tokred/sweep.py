@@ -29,6 +29,10 @@ SWEEPS: dict[str, list[str]] = {
     "pool": ["pool:stride=(1,2)", "pool:stride=2", "pool:stride=(2,4)", "pool:stride=4"],
 }
 
+#: FLOPs ratios the learned thresholds are calibrated to in the default sweep of the reference
+#: model (on its training split, never on the held-out images the sweep evaluates)
+CALIBRATION_TARGETS = (0.7, 0.5, 0.35)
+
 JSON_NAME = "sweep.json"
 CSV_NAME = "sweep.csv"
 MARKDOWN_NAME = "sweep.md"
@@ -86,6 +90,27 @@ def sweep_settings(families: list[str] | None = None,
         settings.extend((family, label, reducer) for label, reducer in parsed)
     if not settings:
         raise ValueError("nothing to sweep")
+    return settings
+
+
+def calibrated_settings(model, targets, progress: bool = True) -> list[tuple[str, str, Reducer]]:
+    """[("thresholds", label, reducer)]: :class:`~tokred.Thresholds` calibrated to each FLOPs target
+    on the reference model's training split (one epoch, batches of 64 in a seeded order)."""
+    import copy
+
+    import torch
+
+    import tokred
+    from tokred.reference import load_reference_train_data
+
+    images, labels = load_reference_train_data()
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
+    batches = [(images[index], labels[index]) for index in order.split(64)]
+    settings = []
+    for target in targets:
+        student = tokred.remove(copy.deepcopy(model))
+        tokred.calibrate(student, batches, target_flops=target, progress=progress)
+        settings.append(("thresholds", f"thresholds:calibrated={target}", tokred.reducers_of(student)[0]))
     return settings
 
 
@@ -205,6 +230,10 @@ def add_arguments(parser) -> None:
                         help="also rewrite the README section between the sweep markers (default file: "
                              f"./README.md) and copy the plot to {README_IMAGE} next to it")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("--no-calibration", action="store_true",
+                        help="skip the learned thresholds, which the default sweep of the reference model "
+                             f"calibrates to FLOPs ratios {', '.join(map(str, CALIBRATION_TARGETS))} on its "
+                             "training split (needs scikit-learn)")
 
 
 def main(args) -> int:
@@ -220,6 +249,8 @@ def main(args) -> int:
     model, batches, num_batches, described, notes = bench.load_model_and_data(args)
     for note in notes:
         print(f"note: {note}")
+    if args.model is None and args.specs is None and families is None and not args.no_calibration:
+        settings += calibrated_settings(model, CALIBRATION_TARGETS, progress=not args.no_progress)
     report = run_sweep(model, batches, settings, device=args.device, num_batches=num_batches,
                        progress=not args.no_progress)
     report["settings"] = {**described, "pretrained": args.pretrained, "limit": args.limit,

@@ -147,6 +147,7 @@ class PiToMe(Reducer):
                                margin=self.margin_at(layer, num_layers), alpha=self.alpha,
                                protect_low_energy=self.protects_at(layer, num_layers))
 
-    def overhead_flops(self, batch: int, num_tokens: int, dim: int, num_protected: int) -> int:
+    def overhead_flops(self, signal: Signal) -> int:
         """The energy's similarity matmul; matching reuses its entries."""
-        return 2 * batch * (num_tokens - num_protected) ** 2 * dim
+        batch, num_tokens, dim = signal.keys.shape
+        return 2 * batch * (num_tokens - signal.num_protected) ** 2 * dim

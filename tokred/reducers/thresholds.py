@@ -26,14 +26,17 @@ if TYPE_CHECKING:
     from tokred.engine import Signal
 
 
-def token_scores(signal: Signal) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def token_scores(signal: Signal) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The two scores thresholds are compared with, for every token of ``signal``.
 
-    Returns (alive (B, N) bool, importance (B, N), best match score of A tokens (B, Na), index
-    of that match among the B tokens (B, Na)). Importance is the attention a token receives,
-    averaged over heads and live queries, times the number of live tokens (1 = average).
-    A = even positions after the protected prefix, B = odd ones, as in ToMe; dead (padding) and
-    protected tokens take no part in matching.
+    Returns, each (B, N): alive (size > 0), importance, is_a, best match score and the index of
+    the best match. Importance is the attention a token receives, averaged over heads and live
+    queries, times the number of live tokens (1 = average). Matching is ToMe's bipartite split
+    counted over the live tokens: the unprotected live tokens at even rank among the live
+    tokens form A, those at odd rank form B, and each A token's best match is its most
+    cosine-similar B token (best is -inf for tokens outside A). Dead tokens (size 0: padding,
+    or tokens calibration has removed in place) take no part; in a compacted sequence rank
+    and position coincide, as in ToMe.
     """
     heads, protected = signal.heads, signal.num_protected
     batch, num_tokens = signal.tokens.shape[:2]
@@ -41,13 +44,13 @@ def token_scores(signal: Signal) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         batch, num_tokens, dtype=torch.bool)
     weights = alive.to(heads.q.dtype)
     importance = heads.received(weights) * weights.sum(dim=1, keepdim=True)
-    first_a = protected + protected % 2
-    first_b = protected + 1 - protected % 2
+    rank = alive.long().cumsum(dim=1) - 1
+    candidate = alive & (rank >= protected)
+    is_a, is_b = candidate & (rank % 2 == 0), candidate & (rank % 2 == 1)
     unit = F.normalize(signal.keys, dim=-1)
-    scores = unit[:, first_a::2] @ unit[:, first_b::2].transpose(-1, -2)
-    scores = scores.masked_fill(~alive[:, first_b::2, None].transpose(1, 2), -math.inf)
-    best, best_b = scores.max(dim=-1)
-    return alive, importance, best, best_b
+    scores = (unit @ unit.transpose(-1, -2)).masked_fill(~(is_a[:, :, None] & is_b[:, None, :]), -math.inf)
+    best, best_index = scores.max(dim=-1)
+    return alive, importance, is_a, best, best_index
 
 
 def threshold_plan(signal: Signal, merge_threshold: float, prune_threshold: float) -> Plan:
@@ -59,30 +62,19 @@ def threshold_plan(signal: Signal, merge_threshold: float, prune_threshold: floa
     with fewer survivors are padded (``Plan.padded``).
     """
     protected = signal.num_protected
-    batch, num_tokens = signal.tokens.shape[:2]
-    alive, importance, best, best_b = token_scores(signal)
+    num_tokens = signal.tokens.shape[1]
+    alive, importance, is_a, best, target = token_scores(signal)
     positions = torch.arange(num_tokens, device=alive.device)
     pruned = alive & (importance < prune_threshold) & (positions >= protected)
-    first_a = protected + protected % 2
-    first_b = protected + 1 - protected % 2
-    a_positions = positions[first_a::2]
-    target = first_b + 2 * best_b
-    merged_a = (best > merge_threshold) & alive[:, first_a::2] & ~pruned[:, first_a::2]
-    merged_a &= ~pruned.gather(1, target)
-    merged = torch.zeros_like(alive)
-    merged[:, first_a::2] = merged_a
+    merged = is_a & ~pruned & (best > merge_threshold) & ~pruned.gather(1, target)
     survives = alive & ~pruned & ~merged
-    counts = survives.sum(dim=1)
-    width = int(counts.max())
-    order = torch.where(survives, positions, num_tokens).sort(dim=1).values  # survivors first, in order
-    keep = order[:, :width]
+    counts, merge_counts = survives.sum(dim=1), merged.sum(dim=1)
+    width, num_merged = int(counts.max()), int(merge_counts.max())
+    keep = torch.where(survives, positions, num_tokens).sort(dim=1).values[:, :width]  # survivors first, in order
+    src = torch.where(merged, positions, num_tokens).sort(dim=1).values[:, :num_merged]
     output_position = survives.long().cumsum(dim=1) - 1
-    num_merged = int(merged_a.sum(dim=1).max())
-    src = torch.where(merged_a, a_positions, num_tokens).sort(dim=1).values[:, :num_merged]
-    src_target = torch.where(merged_a, target, 0).gather(1, merged_a.long().argsort(dim=1, descending=True,
-                                                                                     stable=True)[:, :num_merged])
-    dst = output_position.gather(1, src_target).clamp(min=0)
-    padded = bool((counts != width).any()) or bool((merged_a.sum(dim=1) != num_merged).any())
+    dst = output_position.gather(1, target.gather(1, src.clamp(max=num_tokens - 1))).clamp(min=0)
+    padded = bool((counts != width).any() or (merge_counts != num_merged).any())
     return Plan(keep=keep, num_inputs=num_tokens, src=src, dst=dst, padded=padded)
 
 
@@ -148,7 +140,6 @@ class Thresholds(Reducer):
         return threshold_plan(signal, *self.thresholds_at(layer, num_layers))
 
     def overhead_flops(self, signal: Signal) -> int:
+        """Importance (one QK^T) and the token-by-token cosine similarities."""
         batch, num_tokens, dim = signal.keys.shape
-        first_a = signal.num_protected + signal.num_protected % 2
-        num_a = len(range(first_a, num_tokens, 2))
-        return signal.heads.flops() + 2 * batch * num_a * (num_tokens - signal.num_protected - num_a) * dim
+        return signal.heads.flops() + 2 * batch * num_tokens * num_tokens * dim

@@ -108,5 +108,5 @@ class ToMe(Reducer):
         keys, num_protected = signal.keys, signal.num_protected
         return bipartite_soft_matching(keys, self.removes(layer, num_layers, signal), num_protected)
 
-    def overhead_flops(self, batch: int, num_tokens: int, dim: int, num_protected: int) -> int:
-        return matching_flops(batch, num_tokens, dim, num_protected)
+    def overhead_flops(self, signal: Signal) -> int:
+        return matching_flops(*signal.keys.shape, signal.num_protected)
