@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tokred.adapters.base import Adapter, restore_class, swap_class
-from tokred.engine import TokenRun, VisionStage
+from tokred.engine import Heads, TokenRun, VisionStage
 from tokred.flops import FlopsReport, attention_flops, conv_flops, linear_flops
 from tokred.reducers.base import Reducer
 from tokred.trace import Trace
@@ -54,9 +54,9 @@ def _same_method(module: nn.Module, owner: type, name: str) -> bool:
 
 # attention with an additive bias, returning the keys averaged over heads ----------------------
 def mha_attention(attn: nn.MultiheadAttention, x: Tensor, bias: Tensor | None,
-                  need_keys: bool) -> tuple[Tensor, Tensor | None]:
+                  need_heads: bool) -> tuple[Tensor, Heads | None]:
     """``nn.MultiheadAttention`` self-attention of batch-first ``x`` (B, N, C) on SDPA with an
-    additive ``bias``; also the keys averaged over heads (B, N, C / heads) if ``need_keys``."""
+    additive ``bias``; also its per-head queries and keys if ``need_heads``."""
     batch, num_tokens, width = x.shape
     heads = attn.num_heads
     q, k, v = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
@@ -65,13 +65,13 @@ def mha_attention(attn: nn.MultiheadAttention, x: Tensor, bias: Tensor | None,
         bias = bias.to(q.dtype)
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=attn.dropout if attn.training else 0.0)
     y = attn.out_proj(y.transpose(1, 2).reshape(batch, num_tokens, width))
-    return y, (k.mean(dim=1) if need_keys else None)
+    return y, (Heads(q, k, q.shape[-1] ** -0.5, bias) if need_heads else None)
 
 
 def custom_attention(attn: nn.Module, x: Tensor, bias: Tensor | None,
-                     need_keys: bool) -> tuple[Tensor, Tensor | None]:
-    """open_clip's ``Attention.forward`` of ``x`` (B, N, C) with an additive ``bias``; also the keys
-    (after q/k norm, or unit-normalised for scaled cosine attention) averaged over heads."""
+                     need_heads: bool) -> tuple[Tensor, Heads | None]:
+    """open_clip's ``Attention.forward`` of ``x`` (B, N, C) with an additive ``bias``; also its
+    per-head queries and keys (after q/k norm, or unit-normalised for scaled cosine attention)."""
     batch, num_tokens, width = x.shape
     q, k, v = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
     q, k, v = (t.reshape(batch, num_tokens, attn.num_heads, -1).transpose(1, 2) for t in (q, k, v))
@@ -81,8 +81,10 @@ def custom_attention(attn: nn.Module, x: Tensor, bias: Tensor | None,
     if attn.logit_scale is not None:  # scaled cosine attention: unit q and k, per-head learnt temperature
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
         logit_scale = torch.clamp(attn.logit_scale, max=attn.logit_scale_max).exp()
-        y = F.scaled_dot_product_attention(q * logit_scale, k, v, attn_mask=bias, dropout_p=dropout, scale=1.0)
+        q, scale = q * logit_scale, 1.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=scale)
     else:
+        scale = attn.scale
         q, k = attn.ln_q(q), attn.ln_k(k)
         if attn.use_fsdpa:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
@@ -95,7 +97,7 @@ def custom_attention(attn: nn.Module, x: Tensor, bias: Tensor | None,
         y = y * attn.head_scale
     y = attn.ln_inner(y.transpose(1, 2).reshape(batch, num_tokens, width))
     y = attn.out_drop(attn.out_proj(y))
-    return y, (k.mean(dim=1) if need_keys else None)
+    return y, (Heads(q, k, scale, bias) if need_heads else None)
 
 
 def attentional_pool(pool: nn.Module, x: Tensor, log_size: Tensor) -> Tensor:
@@ -168,6 +170,7 @@ class OpenClipViTAdapter(Adapter):
     family = ("open_clip CLIP / CustomTextCLIP image towers (open_clip VisionTransformer with "
               "nn.MultiheadAttention or custom Attention blocks; class-token, average or attentional pooling)")
     stages = ("vision",)
+    provides_heads = True
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
@@ -314,13 +317,13 @@ class OpenClipViTAdapter(Adapter):
             return out if batch_first else out.transpose(0, 1)
 
         if self.block_kinds[layer] == "mha":
-            def attend(x, bias, need_keys):
-                y, keys = mha_attention(block.attn, block.ln_1(x), bias, need_keys)
-                return block.ls_1(y), keys
+            def attend(x, bias, need_heads):
+                y, heads = mha_attention(block.attn, block.ln_1(x), bias, need_heads)
+                return block.ls_1(y), heads
         else:
-            def attend(x, bias, need_keys):
-                y, keys = custom_attention(block.attn, block.ln_1(x), bias, need_keys)
-                return block.ls_1(block.ln_attn(y)), keys
+            def attend(x, bias, need_heads):
+                y, heads = custom_attention(block.attn, block.ln_1(x), bias, need_heads)
+                return block.ls_1(block.ln_attn(y)), heads
 
         out = self.stage.block(layer, x if batch_first else x.transpose(0, 1), attend,
                                feed_forward=lambda x: block.ls_2(block.mlp(block.ln_2(x))), original=original)

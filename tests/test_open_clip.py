@@ -470,3 +470,20 @@ def test_retrieval_metrics_by_hand(eval_driver):
     # captions: 0 -> best image 1 (wrong), 1 -> image 0, 2 -> image 0 (wrong), 3 -> image 1 (wrong)
     assert metrics["text_to_image_r1"] == pytest.approx(1 / 4)
     assert metrics["image_to_text_agreement"] == 1.0
+
+
+@pytest.mark.parametrize("name", ["mha", "mha_layerscale_avg", "custom_all", "attn_pool"])
+def test_thresholds_batch_with_different_token_counts_equals_one_by_one(name):
+    torch.manual_seed(6)
+    batch = torch.randn(4, 3, 32, 32)
+    model = tiny_clip(**VARIANTS[name])
+    with torch.no_grad():
+        want = model.encode_image(batch)
+        tokred.apply(model, tokred.Thresholds())  # infinite thresholds: nothing changes
+        assert torch.equal(model.encode_image(batch), want)
+        tokred.apply(model, tokred.Thresholds(merge=0.3, prune=0.8))
+        batched = model.encode_image(batch)
+        counts = tokred.last_trace(model).layers[-1].tokens_per_image
+        singles = torch.cat([model.encode_image(batch[i:i + 1]) for i in range(4)])
+    assert counts is not None and len(set(counts)) > 1
+    torch.testing.assert_close(singles, batched, atol=1e-5, rtol=1e-4)
