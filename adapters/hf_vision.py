@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tokred.adapters.base import Adapter, restore_class, swap_class
-from tokred.engine import VisionStage
+from tokred.engine import Heads, VisionStage
 from tokred.flops import FlopsReport, attention_flops, conv_flops, linear_flops
 from tokred.reducers.base import Reducer
 from tokred.trace import Trace
@@ -86,9 +86,9 @@ def find_tower(model: nn.Module) -> nn.Module:
 
 # the attention branch, shared by CLIP and SigLIP ---------------------------------------------------
 
-def attention_with_keys(attn: nn.Module, x: Tensor, bias: Tensor | None, need_keys: bool) -> tuple[Tensor, Tensor | None]:
+def attention_with_heads(attn: nn.Module, x: Tensor, bias: Tensor | None, need_heads: bool) -> tuple[Tensor, Heads | None]:
     """``CLIPAttention`` / ``SiglipAttention`` on SDPA with an additive bias (B, 1, 1, N), also
-    returning the keys averaged over heads (B, N, head_dim) when ``need_keys``."""
+    returning its per-head queries and keys when ``need_heads``."""
     batch, num_tokens, _ = x.shape
     shape = (batch, num_tokens, -1, attn.head_dim)
     q = attn.q_proj(x).view(shape).transpose(1, 2)
@@ -97,7 +97,7 @@ def attention_with_keys(attn: nn.Module, x: Tensor, bias: Tensor | None, need_ke
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=attn.dropout if attn.training else 0.0,
                                        scale=attn.scale)
     y = attn.out_proj(y.transpose(1, 2).reshape(batch, num_tokens, -1))
-    return y, (k.mean(dim=1) if need_keys else None)
+    return y, (Heads(q, k, attn.scale, bias) if need_heads else None)
 
 
 def siglip_attention_pool(head: nn.Module, x: Tensor, size: Tensor) -> Tensor:
@@ -278,8 +278,8 @@ class VisionTower:
             raise ValueError("tokred cannot reduce tokens when an attention mask is passed to the vision "
                              "encoder; call tokred.remove(model) to run with a mask")
 
-        def attend(x, bias, need_keys):
-            return attention_with_keys(layer.self_attn, layer.layer_norm1(x), bias, need_keys)
+        def attend(x, bias, need_heads):
+            return attention_with_heads(layer.self_attn, layer.layer_norm1(x), bias, need_heads)
 
         return self.stage.block(
             layer._tokred_layer, x, attend,
@@ -323,6 +323,7 @@ class HFVisionAdapter(Adapter):
     family = ("Hugging Face CLIP / SigLIP vision towers (transformers CLIPVisionModel, "
               "CLIPVisionModelWithProjection, SiglipVisionModel)")
     stages = ("vision",)
+    provides_heads = True
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:

@@ -80,11 +80,11 @@ def test_calibrate_bad_input(digits):
     assert tokred.reducers_of(model) == (tokred.ToMe(r=2),)
 
 
-def test_thresholds_need_the_attention_signal():
-    transformers = pytest.importorskip("transformers")
-    config = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                           num_attention_heads=2, image_size=32, patch_size=8)
-    model = transformers.CLIPVisionModel(config).eval()
+def test_thresholds_need_the_attention_signal(monkeypatch, images):
+    from tokred.adapters.timm_vit import TimmViTAdapter
+
+    monkeypatch.setattr(TimmViTAdapter, "provides_heads", False)
+    model = tiny_vit()
     with pytest.raises(ValueError, match="per-head queries and keys"):
         tokred.apply(model, tokred.Thresholds(merge=0.5))
     assert tokred.reducers_of(model) == ()

@@ -123,3 +123,27 @@ def test_threshold_lists_must_match_depth():
     with pytest.raises(ValueError, match="3 prune thresholds"):
         tokred.apply(model, Thresholds(prune=[0.1] * 3))
     assert type(model).__name__ == "VisionTransformer"
+
+
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+def test_hf_towers_with_different_token_counts_equal_one_by_one(family):
+    transformers = pytest.importorskip("transformers")
+    kwargs = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                  image_size=32, patch_size=4, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    if family == "clip":
+        model = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**kwargs)).eval()
+    else:
+        model = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**kwargs)).eval()
+    torch.manual_seed(7)
+    images = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        want = model(pixel_values=images).pooler_output
+        tokred.apply(model, Thresholds())
+        assert torch.equal(model(pixel_values=images).pooler_output, want)
+        tokred.apply(model, Thresholds(merge=0.2, prune=0.8))
+        batched = model(pixel_values=images).pooler_output
+        counts = tokred.last_trace(model).layers[-1].tokens_per_image
+        singles = torch.cat([model(pixel_values=images[i:i + 1]).pooler_output for i in range(4)])
+    assert counts is not None and len(set(counts)) > 1
+    torch.testing.assert_close(singles, batched, atol=1e-5, rtol=1e-4)
