@@ -214,7 +214,7 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor | None]],
                 trace = tokred.last_trace(run.model)
                 run.flops += tokred.flops(run.model).total
                 run.images += images.shape[0]
-                run.final_tokens.append(trace.final_tokens)
+                run.final_tokens.extend(trace.layers[-1].tokens_per_image or [trace.final_tokens] * len(images))
                 run.tokens = trace.tokens()
                 run.notes = list(dict.fromkeys(run.notes + trace.notes))
                 run.agree += int((prediction == reference).sum())
@@ -228,7 +228,7 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor | None]],
 def accuracy_summary(run: _Setting, full: _Setting, has_labels: bool) -> dict:
     """Tokens, FLOPs and accuracy numbers of one evaluated run (no timing)."""
     flops = run.flops / run.images
-    final = sorted(set(run.final_tokens))
+    final = sorted(set(run.final_tokens))  # per image: reducers such as Thresholds keep different numbers
     return {
         "reducer": run.label,
         "reducer_repr": repr(run.reducer) if run.reducer is not None else None,
