@@ -1,3 +1,5 @@
+import socket
+
 import pytest
 import torch
 
@@ -6,3 +8,12 @@ import torch
 def images():
     torch.manual_seed(1)
     return torch.randn(3, 3, 32, 32)
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """No test may use the network."""
+    def refuse(*args, **kwargs):
+        raise OSError("tests must not use the network")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)

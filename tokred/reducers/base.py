@@ -11,6 +11,12 @@ if TYPE_CHECKING:
 STAGES = ("vision", "projector", "llm")
 
 
+def check_flag(name: str, value) -> None:
+    """A ``TypeError`` unless ``value`` is True or False."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
 class Reducer:
     """Base class of every reducer.
 
@@ -22,12 +28,16 @@ class Reducer:
     #: where in a block the reducer acts: "after_attention" (merging, on the block's keys) or
     #: "before_block" (on the tokens entering the block)
     where: ClassVar[str] = "after_attention"
-    #: add log(token size) to attention logits of later layers (ToMe's proportional attention)
-    proportional_attention: bool = False
     #: needs per-head queries and keys (``Signal.heads``), not only the keys averaged over heads
     needs_heads: ClassVar[bool] = False
     #: decides token by token, so ``removes`` is only an upper bound, not a request to report on
     decides_per_token: ClassVar[bool] = False
+
+    @property
+    def proportional_attention(self) -> bool:
+        """Add log(token size) to the attention logits of later layers (ToMe's proportional
+        attention): the reducer's ``prop_attn`` option, off for reducers without one."""
+        return getattr(self, "prop_attn", False)
 
     def check(self, num_layers: int) -> None:
         """Raise ``ValueError`` if this reducer cannot act on a stage with ``num_layers`` layers."""

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tokred.plan import Plan
-from tokred.reducers.base import Reducer
+from tokred.reducers.base import Reducer, check_flag
 
 if TYPE_CHECKING:
     from tokred.engine import Signal
@@ -116,12 +116,7 @@ class PiToMe(Reducer):
             raise ValueError(f"alpha must be > 0, got {self.alpha}")
         if self.protect_low_energy not in ("auto", True, False):
             raise ValueError(f"protect_low_energy must be 'auto', True or False, got {self.protect_low_energy!r}")
-        if not isinstance(self.prop_attn, bool):
-            raise TypeError(f"prop_attn must be True or False, got {self.prop_attn!r}")
-
-    @property
-    def proportional_attention(self) -> bool:
-        return self.prop_attn
+        check_flag("prop_attn", self.prop_attn)
 
     def check(self, num_layers: int) -> None:
         if isinstance(self.margin, Sequence) and len(self.margin) != num_layers:

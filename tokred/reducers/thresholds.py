@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tokred.plan import Plan
-from tokred.reducers.base import Reducer
+from tokred.reducers.base import Reducer, check_flag
 
 if TYPE_CHECKING:
     from tokred.engine import Signal
@@ -116,12 +116,7 @@ class Thresholds(Reducer):
         if (isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float))
                 or not math.isfinite(self.temperature) or self.temperature <= 0):
             raise ValueError(f"temperature must be a finite number > 0, got {self.temperature!r}")
-        if not isinstance(self.prop_attn, bool):
-            raise TypeError(f"prop_attn must be True or False, got {self.prop_attn!r}")
-
-    @property
-    def proportional_attention(self) -> bool:
-        return self.prop_attn
+        check_flag("prop_attn", self.prop_attn)
 
     def check(self, num_layers: int) -> None:
         _per_layer(self.merge, num_layers, "merge")

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from tokred.plan import Plan
-from tokred.reducers.base import Reducer
+from tokred.reducers.base import Reducer, check_flag
 from tokred.schedule import check_schedule, per_layer
 
 if TYPE_CHECKING:
@@ -91,12 +91,7 @@ class ToMe(Reducer):
 
     def __post_init__(self):
         check_schedule(self.r)
-        if not isinstance(self.prop_attn, bool):
-            raise TypeError(f"prop_attn must be True or False, got {self.prop_attn!r}")
-
-    @property
-    def proportional_attention(self) -> bool:
-        return self.prop_attn
+        check_flag("prop_attn", self.prop_attn)
 
     def check(self, num_layers: int) -> None:
         per_layer(self.r, num_layers)
