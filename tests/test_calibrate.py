@@ -88,3 +88,12 @@ def test_thresholds_need_the_attention_signal(monkeypatch, images):
     with pytest.raises(ValueError, match="per-head queries and keys"):
         tokred.apply(model, tokred.Thresholds(merge=0.5))
     assert tokred.reducers_of(model) == ()
+
+
+def test_calibrate_without_a_cost_model_leaves_the_model_untouched(digits):
+    from test_all_adapters import _hf
+
+    model = _hf("clip")
+    with pytest.raises(NotImplementedError, match="not supported yet"):
+        tokred.calibrate(model, [(torch.randn(2, 3, 32, 32), torch.zeros(2, dtype=torch.long))])
+    assert tokred.reducers_of(model) == ()

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from tokred.api import _adapter
 from tokred.engine import Signal, VisionStage
 from tokred.reducers.thresholds import Thresholds, token_scores
 
@@ -117,14 +118,20 @@ def calibrate(model: nn.Module, data, target_flops: float = 0.5, epochs: int = 1
     if not batches:
         raise ValueError("calibrate got an empty data loader; it needs (images, labels) batches")
     reducers = tokred.reducers_of(model)
-    if not reducers:
+    applied_here = not reducers
+    if applied_here:
         tokred.apply(model, Thresholds())
         reducers = tokred.reducers_of(model)
-    if not isinstance(reducers[0], Thresholds) or len(reducers) != 1:
+    if len(reducers) != 1 or not isinstance(reducers[0], Thresholds):
         raise ValueError(f"calibrate trains tokred.Thresholds; this model has {reducers}")
-    adapter = model.__dict__["_tokred_adapter"]
+    adapter = _adapter(model)
     stage: VisionStage = adapter.stage
-    calibration = Calibration(reducers[0], [adapter.layer_costs(layer) for layer in range(stage.depth)])
+    try:
+        calibration = Calibration(reducers[0], [adapter.layer_costs(layer) for layer in range(stage.depth)])
+    except NotImplementedError:
+        if applied_here:
+            tokred.remove(model)
+        raise
     optimizer = torch.optim.Adam(calibration.parameters(), lr=lr)
     trainable = [p for p in model.parameters() if p.requires_grad]
     was_training = model.training
