@@ -5,7 +5,7 @@ from typing import ClassVar
 
 from torch import nn
 
-from tokred.flops import FlopsReport
+from tokred.flops import FlopsReport, LayerCosts
 from tokred.reducers.base import Reducer
 from tokred.trace import Trace
 
@@ -63,6 +63,11 @@ class Adapter:
     def flops(self, trace: Trace) -> FlopsReport:
         raise NotImplementedError
 
-    def layer_costs(self, layer: int):
-        """:class:`tokred.calibrate.LayerCosts` of a block, for calibrating to a FLOPs budget."""
-        raise NotImplementedError(f"{self.family}: calibrating thresholds is not supported yet")
+    @property
+    def vision_stage(self):
+        """The :class:`~tokred.engine.VisionStage` running the vision encoder's blocks."""
+        return self.stage
+
+    def layer_costs(self, layer: int) -> LayerCosts:
+        """FLOPs of vision block ``layer`` as a function of its token counts."""
+        raise NotImplementedError(f"{self.family}: no per-block cost model")

@@ -41,8 +41,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tokred.adapters.base import Adapter, restore_class, swap_class
-from tokred.engine import Heads, VisionStage
-from tokred.flops import FlopsReport, attention_flops, conv_flops, linear_flops
+from tokred.engine import Heads, VisionStage, log_weights
+from tokred.flops import FlopsReport, LayerCosts, add_block_flops, attention_flops, conv_flops, linear_flops
 from tokred.reducers.base import Reducer
 from tokred.trace import Trace
 
@@ -108,7 +108,7 @@ def siglip_attention_pool(head: nn.Module, x: Tensor, size: Tensor) -> Tensor:
     probe = head.probe.expand(batch, -1, -1)
     heads = head.attention.num_heads
     # nn.MultiheadAttention wants a 3-D mask as (B * heads, queries, keys), image-major
-    bias = size[..., 0].log().to(x.dtype)[:, None, :].repeat_interleave(heads, dim=0)
+    bias = log_weights(size[..., 0]).to(x.dtype)[:, None, :].repeat_interleave(heads, dim=0)
     y = head.attention(probe, x, x, attn_mask=bias, need_weights=False)[0]
     y = y + head.mlp(head.layernorm(y))
     return y[:, 0]
@@ -292,20 +292,16 @@ class VisionTower:
         stage, batch = self.stage.stage, trace.batch_size
         if self.patch_grid is not None:
             report.add(stage, "patch_embed", conv_flops(self.embeddings.patch_embedding, batch, self.patch_grid))
-        for record in trace.layers:
-            if record.stage != stage:
-                continue
-            layer = self.layers[record.layer]
-            attn = layer.self_attn
-            tokens, kept = record.tokens_attention, record.tokens_out
-            flops = linear_flops(attn, batch * tokens)
-            flops += attention_flops(batch, attn.num_heads, tokens, tokens, attn.head_dim)
-            flops += linear_flops(layer.mlp, batch * kept)
-            report.add(stage, f"block{record.layer}", flops)
-            if record.reducer_flops:
-                report.add(stage, f"block{record.layer}.reducer", record.reducer_flops)
+        add_block_flops(report, trace, self.layer_costs, stage)
         if self.head is not None and self.head_input is not None:
             report.add(stage, "head", self._head_flops(*self.head_input))
+
+    def layer_costs(self, layer: int) -> LayerCosts:
+        encoder_layer = self.layers[layer]
+        attn = encoder_layer.self_attn
+        return LayerCosts(per_attention_token=linear_flops(attn, 1),
+                          per_token_pair=attention_flops(1, attn.num_heads, 1, 1, attn.head_dim),
+                          per_mlp_token=linear_flops(encoder_layer.mlp, 1))
 
     def _head_flops(self, batch: int, tokens: int) -> int:
         attention = self.head.attention
@@ -363,6 +359,13 @@ class HFVisionAdapter(Adapter):
             restore_class(self.projection)
             del self.projection._tokred_owner
         del self.model._tokred_adapter
+
+    @property
+    def vision_stage(self) -> VisionStage:
+        return self.tower.stage
+
+    def layer_costs(self, layer: int) -> LayerCosts:
+        return self.tower.layer_costs(layer)
 
     def flops(self, trace: Trace) -> FlopsReport:
         report = FlopsReport()

@@ -38,8 +38,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tokred.adapters.base import Adapter, restore_class, swap_class
-from tokred.engine import Heads, TokenRun, VisionStage
-from tokred.flops import FlopsReport, attention_flops, conv_flops, linear_flops
+from tokred.engine import Heads, TokenRun, VisionStage, log_weights
+from tokred.flops import FlopsReport, LayerCosts, add_block_flops, attention_flops, conv_flops, linear_flops
 from tokred.reducers.base import Reducer
 from tokred.trace import Trace
 
@@ -334,7 +334,7 @@ class OpenClipViTAdapter(Adapter):
         visual = self.visual
         vt = _original(type(visual))
         if visual.attn_pool is not None:
-            log_size = run.size[..., 0].log()
+            log_size = log_weights(run.size[..., 0])
             if visual.attn_pool_contrastive is not None:
                 x = visual.ln_post(x)
                 tokens = attentional_pool(visual.attn_pool, x, log_size)
@@ -359,19 +359,16 @@ class OpenClipViTAdapter(Adapter):
         report = FlopsReport()
         grid = trace.grid if trace.grid is not None else tuple(visual.grid_size)
         report.add("vision", "patch_embed", conv_flops(visual.conv1, batch, grid))
-        for record in trace.layers:
-            block = visual.transformer.resblocks[record.layer]
-            attn = block.attn
-            tokens, kept = record.tokens_attention, record.tokens_out
-            flops = 2 * batch * tokens * attn.in_proj_weight.shape[0] * attn.in_proj_weight.shape[1]
-            flops += linear_flops(attn.out_proj, batch * tokens)
-            flops += attention_flops(batch, attn.num_heads, tokens, tokens, attn.head_dim)
-            flops += linear_flops(block.mlp, batch * kept)
-            report.add("vision", f"block{record.layer}", flops)
-            if record.reducer_flops:
-                report.add("vision", f"block{record.layer}.reducer", record.reducer_flops)
+        add_block_flops(report, trace, self.layer_costs)
         report.add("vision", "head", self._head_flops(batch, trace.final_tokens))
         return report
+
+    def layer_costs(self, layer: int) -> LayerCosts:
+        block = self.visual.transformer.resblocks[layer]
+        attn = block.attn
+        return LayerCosts(per_attention_token=2 * attn.in_proj_weight.numel() + linear_flops(attn.out_proj, 1),
+                          per_token_pair=attention_flops(1, attn.num_heads, 1, 1, attn.head_dim),
+                          per_mlp_token=linear_flops(block.mlp, 1))
 
     def _head_flops(self, batch: int, tokens: int) -> int:
         """Attentional pooling and the ``proj`` matmul of the image tower."""

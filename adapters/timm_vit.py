@@ -12,9 +12,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tokred.adapters.base import Adapter, restore_class, swap_class
-from tokred.calibrate import LayerCosts
-from tokred.engine import Heads, TokenRun, VisionStage
-from tokred.flops import FlopsReport, attention_flops, conv_flops, linear_flops
+from tokred.engine import Heads, TokenRun, VisionStage, log_weights
+from tokred.flops import FlopsReport, LayerCosts, add_block_flops, attention_flops, conv_flops, linear_flops
 from tokred.reducers.base import Reducer
 from tokred.trace import Trace
 
@@ -157,7 +156,7 @@ class TimmViTAdapter(Adapter):
         model = self.model
         start = 0 if model.pool_include_prefix else self.num_prefix
         if model.attn_pool is not None:
-            return model.attn_pool(x[:, start:], attn_mask=run.size[:, start:, 0].log()[:, None, None, :])
+            return model.attn_pool(x[:, start:], attn_mask=log_weights(run.size[:, start:, 0])[:, None, None, :])
         pool_type = model.global_pool if pool_type is None else pool_type
         if pool_type in ("token", ""):
             return _original(type(model)).pool(model, x, pool_type)  # sizes do not matter
@@ -172,16 +171,7 @@ class TimmViTAdapter(Adapter):
         proj = getattr(model.patch_embed, "proj", None)
         if isinstance(proj, nn.Conv2d) and trace.grid is not None:
             report.add("vision", "patch_embed", conv_flops(proj, batch, trace.grid))
-        for record in trace.layers:
-            block = model.blocks[record.layer]
-            attn = block.attn
-            tokens, kept = record.tokens_attention, record.tokens_out
-            flops = linear_flops(attn, batch * tokens)
-            flops += attention_flops(batch, attn.num_heads, tokens, tokens, attn.head_dim)
-            flops += linear_flops(block.mlp, batch * kept)
-            report.add("vision", f"block{record.layer}", flops)
-            if record.reducer_flops:
-                report.add("vision", f"block{record.layer}.reducer", record.reducer_flops)
+        add_block_flops(report, trace, self.layer_costs)
         if self.head_mode is not None:
             report.add("vision", "head", self._head_flops(trace))
         return report

@@ -1,6 +1,5 @@
 """Analytic FLOPs from the trace against torch's FlopCounterMode on the same forward."""
 import pytest
-import torch
 from timm.models.deit import VisionTransformerDistilled
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode

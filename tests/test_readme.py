@@ -13,7 +13,7 @@ def test_timm_quick_start_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     namespace = {}
     exec(compile(code.replace("pretrained=True", "pretrained=False"), "README.md", "exec"), namespace)
-    trace, full = namespace["trace"], namespace["full"]
+    trace = namespace["trace"]
     assert trace.tokens()[-2:] == [21, 11]
     assert (tmp_path / "merges.png").stat().st_size > 0
     assert type(namespace["model"]).__name__ == "VisionTransformer"  # removed again after the with-block

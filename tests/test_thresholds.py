@@ -147,3 +147,12 @@ def test_hf_towers_with_different_token_counts_equal_one_by_one(family):
         singles = torch.cat([model(pixel_values=images[i:i + 1]).pooler_output for i in range(4)])
     assert counts is not None and len(set(counts)) > 1
     torch.testing.assert_close(singles, batched, atol=1e-5, rtol=1e-4)
+
+
+def test_an_image_without_protected_tokens_keeps_its_most_important_token():
+    torch.manual_seed(3)
+    q, k = torch.randn(2, 2, 9, 4), torch.randn(2, 2, 9, 4)
+    signal = Signal(torch.randn(2, 9, 4), k.mean(1), 0, None, Heads(q, k, 0.5, None), None)
+    plan = threshold_plan(signal, merge_threshold=-1.0, prune_threshold=100.0)  # everything would go
+    importance = Heads(q, k, 0.5, None).received()
+    assert plan.keep.tolist() == importance.argmax(dim=1, keepdim=True).tolist()

@@ -12,33 +12,20 @@ FLOPs follow from the masks, and only the thresholds are trained, with cross-ent
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from tokred.api import _adapter
-from tokred.engine import Signal, VisionStage
-from tokred.reducers.thresholds import Thresholds, token_scores
+from tokred.engine import Signal, VisionStage, log_weights
+from tokred.flops import LayerCosts
+from tokred.reducers.thresholds import Thresholds, last_token_guard, token_scores
 
 
 def straight_through(score: Tensor, threshold: Tensor, temperature: float) -> Tensor:
     """1 where score > threshold (forward), with the gradient of sigmoid((score - threshold) / T)."""
     soft = torch.sigmoid((score - threshold) / temperature)
     return (score > threshold).to(soft.dtype) + (soft - soft.detach())  # exactly 0 or 1 forward
-
-
-@dataclass
-class LayerCosts:
-    """FLOPs per image of one block as a function of its token counts."""
-
-    per_attention_token: int  # projections, per token entering attention
-    per_token_pair: int  # QK^T and AV, per (query, key) pair
-    per_mlp_token: int  # MLP, per token leaving the block
-
-    def flops(self, attention_tokens, mlp_tokens):
-        return (self.per_attention_token * attention_tokens + self.per_token_pair * attention_tokens ** 2
-                + self.per_mlp_token * mlp_tokens)
 
 
 class Calibration(nn.Module):
@@ -71,7 +58,7 @@ class Calibration(nn.Module):
             self.full_flops = sum(cost.flops(num_tokens, num_tokens) for cost in self.costs)
         size, presence = run.size[..., 0], self.presence
         weights = size if self.prop_attn else presence
-        update, heads = attend(x, weights.clamp_min(torch.finfo(x.dtype).tiny).log()[:, None, None, :], True)
+        update, heads = attend(x, log_weights(weights)[:, None, None, :], True)
         x = x + update
         attention_tokens = presence.sum(dim=1)
 
@@ -81,6 +68,8 @@ class Calibration(nn.Module):
         kept = torch.cat([torch.ones_like(kept[:, :protected]), kept[:, protected:]], dim=1)
         merging = straight_through(best.clamp(min=-2.0), self.merge[layer], self.temperature)
         merging = merging * is_a * kept * kept.gather(1, target)
+        spared = last_token_guard(alive, importance, (kept * (1 - merging)) == 0)
+        kept, merging = torch.where(spared, 1.0, kept), torch.where(spared, 0.0, merging)
 
         size, presence = size * kept, presence * kept
         moved = merging * size  # mass each merging A token hands to its match
@@ -100,12 +89,16 @@ class Calibration(nn.Module):
 
 
 def calibrate(model: nn.Module, data, target_flops: float = 0.5, epochs: int = 1, lr: float = 0.05,
-              penalty: float = 20.0, progress: bool = True) -> float:
+              penalty: float = 20.0, progress: bool = True, forward=None) -> float:
     """Train the thresholds of ``model`` (patched with :class:`~tokred.Thresholds`, or unpatched)
     towards ``target_flops`` (FLOPs ratio, reduced / full) on ``data``, an iterable of
     (images, labels) batches. Only the thresholds change; the learned ones are applied to the
-    model. Returns the achieved FLOPs ratio of the hard rule on ``data``.
+    model. Returns the FLOPs ratio the hard rule actually runs on ``data``.
+
+    ``forward(model, images) -> logits`` turns a model whose call does not return class logits
+    into one (e.g. zero-shot logits for a CLIP); default ``model(images)``.
     """
+    forward = forward if forward is not None else (lambda model, images: model(images))
     from tqdm import tqdm
 
     import tokred
@@ -125,7 +118,7 @@ def calibrate(model: nn.Module, data, target_flops: float = 0.5, epochs: int = 1
     if len(reducers) != 1 or not isinstance(reducers[0], Thresholds):
         raise ValueError(f"calibrate trains tokred.Thresholds; this model has {reducers}")
     adapter = _adapter(model)
-    stage: VisionStage = adapter.stage
+    stage: VisionStage = adapter.vision_stage
     try:
         calibration = Calibration(reducers[0], [adapter.layer_costs(layer) for layer in range(stage.depth)])
     except NotImplementedError:
@@ -143,7 +136,7 @@ def calibrate(model: nn.Module, data, target_flops: float = 0.5, epochs: int = 1
         bar = tqdm(total=epochs * len(batches), desc="calibrating thresholds", disable=not progress)
         for _ in range(epochs):
             for images, labels in batches:
-                logits = model(images)
+                logits = forward(model, images)
                 ratio = calibration.flops_ratio()
                 loss = nn.functional.cross_entropy(logits, labels) + penalty * (ratio - target_flops) ** 2
                 optimizer.zero_grad()
@@ -161,9 +154,9 @@ def calibrate(model: nn.Module, data, target_flops: float = 0.5, epochs: int = 1
     reduced = full = 0
     with torch.no_grad():
         for images, _ in batches:
-            model(images)
+            forward(model, images)
             reduced += tokred.flops(model).total
             with tokred.applied(model):
-                model(images)
+                forward(model, images)
                 full += tokred.flops(model).total
     return reduced / full if full else math.nan

@@ -81,6 +81,12 @@ class Signal:
     sizes: Tensor | None = None
 
 
+def log_weights(weights: Tensor) -> Tensor:
+    """log of token weights (sizes) for an additive attention mask: weight 0 gives a finite, hugely
+    negative value (the token is invisible) whose gradient stays finite."""
+    return weights.clamp_min(torch.finfo(weights.dtype).tiny).log()
+
+
 class TokenRun:
     """Token bookkeeping of one forward: sizes, patch-to-token map and the trace."""
 
@@ -101,7 +107,7 @@ class TokenRun:
         if self.size is None or not (proportional or self.padded):
             return None
         weights = self.size[..., 0] if proportional else (self.size[..., 0] > 0).to(self.size.dtype)
-        return weights.clamp_min(torch.finfo(weights.dtype).tiny).log()[:, None, None, :]
+        return log_weights(weights)[:, None, None, :]
 
     def apply(self, plan: Plan, x: Tensor) -> Tensor:
         self.padded = self.padded or plan.padded

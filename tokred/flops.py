@@ -6,9 +6,14 @@ element-wise ops do not.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from torch import nn
+
+if TYPE_CHECKING:
+    from tokred.trace import Trace
 
 
 @dataclass
@@ -46,3 +51,29 @@ def attention_flops(batch: int, heads: int, queries: int, keys: int, head_dim: i
     """FLOPs of QK^T and AV for ``heads`` heads of ``queries`` x ``keys`` attention."""
     value_dim = head_dim if value_dim is None else value_dim
     return 2 * batch * heads * queries * keys * (head_dim + value_dim)
+
+
+@dataclass
+class LayerCosts:
+    """FLOPs per image of one transformer block as a function of its token counts."""
+
+    per_attention_token: int  # projections, per token entering attention
+    per_token_pair: int  # QK^T and AV, per (query, key) pair
+    per_mlp_token: int  # MLP, per token leaving the block
+
+    def flops(self, attention_tokens, mlp_tokens):
+        """Works on ints and on (differentiable) tensors of expected counts alike."""
+        return (self.per_attention_token * attention_tokens + self.per_token_pair * attention_tokens ** 2
+                + self.per_mlp_token * mlp_tokens)
+
+
+def add_block_flops(report: FlopsReport, trace: Trace, layer_costs: Callable[[int], LayerCosts],
+                    stage: str = "vision") -> None:
+    """Add ``blockN`` (and ``blockN.reducer``) entries for every ``stage`` layer of ``trace``."""
+    for record in trace.layers:
+        if record.stage != stage:
+            continue
+        cost = layer_costs(record.layer).flops(record.tokens_attention, record.tokens_out)
+        report.add(stage, f"block{record.layer}", trace.batch_size * cost)
+        if record.reducer_flops:
+            report.add(stage, f"block{record.layer}.reducer", record.reducer_flops)

@@ -53,13 +53,22 @@ def token_scores(signal: Signal) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor
     return alive, importance, is_a, best, best_index
 
 
+def last_token_guard(alive: Tensor, importance: Tensor, removed: Tensor) -> Tensor:
+    """(B, N) bool: the most important live token of every image whose live tokens would all be
+    removed (possible without a protected class token), so no image is left with none."""
+    emptied = ~(alive & ~removed).any(dim=1, keepdim=True)
+    best = importance.masked_fill(~alive, -math.inf).argmax(dim=1, keepdim=True)
+    return torch.zeros_like(alive).scatter_(1, best, True) & emptied
+
+
 def threshold_plan(signal: Signal, merge_threshold: float, prune_threshold: float) -> Plan:
     """The hard rule: prune below ``prune_threshold``, merge above ``merge_threshold``.
 
     A token is pruned when its importance is below the prune threshold; an A token that is not
     pruned merges into its best B match when the score is above the merge threshold and that B
-    token is not pruned. Protected tokens always survive. Survivors keep their order; images
-    with fewer survivors are padded (``Plan.padded``).
+    token is not pruned. Protected tokens always survive, and so does an image's most important
+    token when everything else would go. Survivors keep their order; images with fewer
+    survivors are padded (``Plan.padded``).
     """
     protected = signal.num_protected
     num_tokens = signal.tokens.shape[1]
@@ -67,6 +76,8 @@ def threshold_plan(signal: Signal, merge_threshold: float, prune_threshold: floa
     positions = torch.arange(num_tokens, device=alive.device)
     pruned = alive & (importance < prune_threshold) & (positions >= protected)
     merged = is_a & ~pruned & (best > merge_threshold) & ~pruned.gather(1, target)
+    spared = last_token_guard(alive, importance, pruned | merged)
+    pruned, merged = pruned & ~spared, merged & ~spared
     survives = alive & ~pruned & ~merged
     counts, merge_counts = survives.sum(dim=1), merged.sum(dim=1)
     width, num_merged = int(counts.max()), int(merge_counts.max())
