@@ -11,6 +11,7 @@ from tokred.trace import LayerRecord, Trace
 __version__ = "0.1.0"
 
 __all__ = [
-    "FlopsReport", "LayerRecord", "PiToMe", "Plan", "Pool", "Random", "Reducer", "Thresholds", "ToMe", "Trace", "applied", "apply", "calibrate",
-    "bipartite_soft_matching", "energy_matching", "flops", "last_trace", "reducers_of", "remove", "viz",
+    "FlopsReport", "LayerRecord", "PiToMe", "Plan", "Pool", "Random", "Reducer", "Thresholds", "ToMe", "Trace",
+    "applied", "apply", "bipartite_soft_matching", "calibrate", "energy_matching", "flops", "last_trace",
+    "reducers_of", "remove", "viz",
 ]
