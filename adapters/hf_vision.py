@@ -4,8 +4,8 @@ and ``SiglipVisionModel`` (and, on transformers versions that have them, the inn
 
 Hook point: every encoder layer (``CLIPEncoderLayer`` / ``SiglipEncoderLayer``), after attention
 and before the MLP. Attention runs on ``F.scaled_dot_product_attention`` whatever the model's
-``attn_implementation`` (proportional attention is an additive float mask) and also returns the
-keys averaged over heads, the merge metric. Blocks where nothing changes run the layer's own
+``attn_implementation`` (proportional attention is an additive float mask) and also returns its
+per-head queries and keys (merge metric and importance). Blocks where nothing changes run the layer's own
 forward, so a reduction-free run is bit-identical to the unpatched model, eager or SDPA.
 
 Outputs of a reduced forward:

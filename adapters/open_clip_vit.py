@@ -52,7 +52,7 @@ def _same_method(module: nn.Module, owner: type, name: str) -> bool:
     return getattr(_original(type(module)), name, None) is getattr(owner, name)
 
 
-# attention with an additive bias, returning the keys averaged over heads ----------------------
+# attention with an additive bias, returning its per-head queries and keys -------------------
 def mha_attention(attn: nn.MultiheadAttention, x: Tensor, bias: Tensor | None,
                   need_heads: bool) -> tuple[Tensor, Heads | None]:
     """``nn.MultiheadAttention`` self-attention of batch-first ``x`` (B, N, C) on SDPA with an
