@@ -1,0 +1,41 @@
+"""DivPrune's selection (Alvar et al., "DivPrune: Diversity-based Visual Token Pruning for Large
+Multimodal Models", CVPR 2025): keep the k visual tokens that solve the max-min diversity
+problem greedily.
+
+This module holds the selection rule as a pure function; the reducer that applies it at the
+``projector`` stage of a vision-language model comes with the LLaVA adapters.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def select(features: Tensor, k: int) -> Tensor:
+    """Indices (B, k), ascending, of the tokens DivPrune keeps from ``features`` (B, N, C).
+
+    Distance is 1 - cosine similarity. The first pick is the token whose nearest other token is
+    farthest away; every further pick is the token farthest from the tokens picked so far (its
+    distance to the set is the distance to its nearest picked token). Ties go to the lowest
+    index. Vectorised over the batch: k steps of O(N) work per image after one N x N distance
+    matrix.
+    """
+    if features.dim() != 3:
+        raise ValueError(f"features must be (batch, tokens, channels), got shape {tuple(features.shape)}")
+    batch, num_tokens, _ = features.shape
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_tokens:
+        raise ValueError(f"k must be an int in [1, {num_tokens}] (the number of tokens), got {k!r}")
+    unit = F.normalize(features.float(), dim=-1)
+    distance = 1 - unit @ unit.transpose(-1, -2)
+    eye = torch.eye(num_tokens, dtype=torch.bool, device=features.device)
+    nearest_other = distance.masked_fill(eye, torch.inf).amin(dim=-1)
+    rows = torch.arange(batch, device=features.device)
+    pick = nearest_other.argmax(dim=-1)  # argmax returns the first maximum: ties to the lowest index
+    picked = torch.zeros(batch, num_tokens, dtype=torch.bool, device=features.device)
+    to_set = torch.full((batch, num_tokens), torch.inf, device=features.device)
+    for _ in range(k):
+        picked[rows, pick] = True
+        to_set = torch.minimum(to_set, distance[rows, pick])
+        pick = to_set.masked_fill(picked, -torch.inf).argmax(dim=-1)
+    return picked.nonzero()[:, 1].view(batch, k)
