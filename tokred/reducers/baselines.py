@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from tokred.plan import Plan
-from tokred.reducers.base import Reducer
+from tokred.reducers.base import Reducer, check_fraction
 
 if TYPE_CHECKING:
     from tokred.engine import Signal
@@ -77,8 +77,7 @@ class Random(Reducer):
     where = "before_block"
 
     def __post_init__(self):
-        if isinstance(self.keep, bool) or not isinstance(self.keep, (int, float)) or not 0 < self.keep <= 1:
-            raise ValueError(f"keep must be a number in (0, 1], got {self.keep!r}")
+        check_fraction("keep", self.keep)
         _check_layer(self.layer)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed must be an int, got {self.seed!r}")

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tokred.plan import Plan
-from tokred.reducers.base import Reducer, check_flag
+from tokred.reducers.base import Reducer, check_flag, check_fraction
 
 if TYPE_CHECKING:
     from tokred.engine import Signal
@@ -104,8 +104,7 @@ class PiToMe(Reducer):
     stage = "vision"
 
     def __post_init__(self):
-        if isinstance(self.keep, bool) or not isinstance(self.keep, (int, float)) or not 0 < self.keep <= 1:
-            raise ValueError(f"keep must be a number in (0, 1], got {self.keep!r}")
+        check_fraction("keep", self.keep)
         margins = [] if self.margin is None else (
             list(self.margin) if isinstance(self.margin, Sequence) else [self.margin])
         for value in [*margins, self.alpha]:
