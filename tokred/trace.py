@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 from torch import Tensor
 
 
@@ -71,14 +70,3 @@ class Trace:
             if token >= 0:
                 groups[token].append(patch)
         return groups
-
-    def source_matrix(self, layer: int = -1) -> Tensor:
-        """(B, M, N0) boolean matrix: token m covers input token n."""
-        source_map = self.source_maps[layer]
-        num_tokens = int(source_map.max()) + 1
-        ids = torch.arange(num_tokens, device=source_map.device)
-        return source_map[:, None, :] == ids[None, :, None]
-
-    def summary(self) -> str:
-        lines = [f"{rec.stage}[{rec.layer}]: {rec.tokens_in} -> {rec.tokens_out}" for rec in self.layers]
-        return "\n".join(lines + self.notes)
