@@ -154,7 +154,7 @@ class _HeadMixin:
         return siglip_attention_pool(self, hidden_state, run.size)
 
 
-class _ProjectionMixin:
+class ProjectionRowsMixin:
     def forward(self, x: Tensor) -> Tensor:
         self._tokred_owner.projected_rows = x.shape[:-1].numel()
         return super().forward(x)
@@ -349,7 +349,7 @@ class HFVisionAdapter(Adapter):
     def patch(self) -> None:
         self.tower.patch()
         if self.projection is not None:
-            swap_class(self.projection, _ProjectionMixin)
+            swap_class(self.projection, ProjectionRowsMixin)
             self.projection._tokred_owner = self
         self.model._tokred_adapter = self
 

@@ -74,3 +74,65 @@ def brute_force_pitome(metric, x, size, r, protected, margin, alpha=1.0, protect
     out_x = torch.stack([sum(x[t] * size[t] for t in g) / sum(size[t] for t in g) for g in groups])
     out_size = torch.stack([sum(size[t] for t in g) for g in groups])
     return out_x, out_size, [sorted(g) for g in groups]
+
+
+IMAGE_TOKEN = 99
+
+
+def tiny_llava(kind: str = "llava", attn: str = "sdpa"):
+    """A seeded LLaVA-family model with random weights: a 2-layer CLIP (SigLIP for OneVision) tower on
+    32x32 images with 8x8 patches (16 visual tokens per crop) and a 4-layer Qwen2 language model
+    with grouped-query attention (4 heads, 2 KV heads)."""
+    from transformers import (CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaNextConfig,
+                              LlavaNextForConditionalGeneration, LlavaOnevisionConfig,
+                              LlavaOnevisionForConditionalGeneration, Qwen2Config, SiglipVisionConfig)
+
+    torch.manual_seed(0)
+    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                 image_size=32, patch_size=8)
+    text = Qwen2Config(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                       pad_token_id=0)
+    common = dict(text_config=text, image_token_id=IMAGE_TOKEN, vision_feature_layer=-2)
+    pinpoints = [[32, 32], [32, 64], [64, 32], [64, 64]]
+    if kind == "llava":
+        config = LlavaConfig(vision_config=CLIPVisionConfig(**tower), vision_feature_select_strategy="default",
+                             **common)
+        model_class = LlavaForConditionalGeneration
+    elif kind == "llava_next":
+        config = LlavaNextConfig(vision_config=CLIPVisionConfig(**tower), image_grid_pinpoints=pinpoints,
+                                 vision_feature_select_strategy="default", **common)
+        model_class = LlavaNextForConditionalGeneration
+    else:
+        config = LlavaOnevisionConfig(vision_config=SiglipVisionConfig(**tower), image_grid_pinpoints=pinpoints,
+                                      vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9",
+                                      **common)
+        model_class = LlavaOnevisionForConditionalGeneration
+    config._attn_implementation = attn
+    config.text_config._attn_implementation = attn
+    config.vision_config._attn_implementation = attn
+    return model_class(config).eval()
+
+
+def llava_inputs(model, prompts: list[tuple[list[int], list[int]]], seed: int = 0, image_sizes=None):
+    """Left-padded inputs for ``prompts`` = [(text before the image, text after it)] with one image
+    per sample; the number of placeholders per image is taken from the model itself."""
+    generator = torch.Generator().manual_seed(seed)
+    batch = len(prompts)
+    kind = type(model).__name__
+    if kind.startswith("LlavaForConditional"):
+        pixel_values = torch.randn(batch, 3, 32, 32, generator=generator)
+        extra = {}
+    else:
+        image_sizes = image_sizes or [[32, 32]] * batch
+        pixel_values = torch.randn(batch, 5, 3, 32, 32, generator=generator)
+        extra = {"image_sizes": torch.tensor(image_sizes)}
+    with torch.no_grad():
+        features = model.model.get_image_features(pixel_values=pixel_values, return_dict=True,
+                                                  **({"image_sizes": extra["image_sizes"]} if extra else {})
+                                                  ).pooler_output
+    rows = [before + [IMAGE_TOKEN] * f.shape[0] + after for (before, after), f in zip(prompts, features)]
+    width = max(len(r) for r in rows)
+    input_ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+    attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return dict(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, **extra)

@@ -6,9 +6,14 @@ from typing import TYPE_CHECKING, ClassVar
 from tokred.plan import Plan
 
 if TYPE_CHECKING:
+    from torch import Tensor
+
     from tokred.engine import Signal
+    from tokred.sequence import SequenceSignal
 
 STAGES = ("vision", "projector", "llm")
+#: position ids after tokens are removed before the language model or inside it
+POSITIONS = ("keep", "renumber")
 
 
 def check_flag(name: str, value) -> None:
@@ -21,6 +26,36 @@ def check_fraction(name: str, value) -> None:
     """A ``ValueError`` unless ``value`` is a number in (0, 1]."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
         raise ValueError(f"{name} must be a number in (0, 1], got {value!r}")
+
+
+def check_keep(value) -> None:
+    """A ``ValueError`` unless ``value`` is a fraction in (0, 1] or a token count >= 1."""
+    if isinstance(value, bool) or not (isinstance(value, int) and value >= 1
+                                       or isinstance(value, float) and 0 < value <= 1):
+        raise ValueError(f"keep must be a fraction in (0, 1] (a float) or a number of tokens >= 1 (an int), "
+                         f"got {value!r}")
+
+
+def kept_count(keep: int | float, available: int) -> int:
+    """Tokens kept out of ``available``: ``keep`` itself if it is a count, else round(keep * available), at least 1."""
+    if isinstance(keep, int):
+        if keep > available:
+            raise ValueError(f"keep={keep} visual tokens, but there are only {available}; use a smaller count "
+                             "or a fraction")
+        return keep
+    return max(1, round(keep * available))
+
+
+def check_positions(value) -> None:
+    if value not in POSITIONS:
+        raise ValueError(f"positions must be one of {POSITIONS} (keep the original position ids with gaps, or "
+                         f"renumber the remaining tokens contiguously), got {value!r}")
+
+
+def check_decoder_layer(layer) -> None:
+    if isinstance(layer, bool) or not isinstance(layer, int) or layer < 1:
+        raise ValueError(f"layer must be an int >= 1 (the decoder layer K before which tokens are pruned; the "
+                         f"signal comes from layer K - 1), got {layer!r}")
 
 
 class Reducer:
@@ -38,6 +73,10 @@ class Reducer:
     needs_heads: ClassVar[bool] = False
     #: decides token by token, so ``removes`` is only an upper bound, not a request to report on
     decides_per_token: ClassVar[bool] = False
+    #: ``llm`` stage: needs the keys of decoder layer K - 1 (``SequenceSignal.keys``)
+    needs_keys: ClassVar[bool] = False
+    #: ``llm`` stage: needs the last prompt token's attention row at layer K - 1
+    needs_last_attention: ClassVar[bool] = False
 
     @property
     def proportional_attention(self) -> bool:
@@ -59,5 +98,14 @@ class Reducer:
         return 0
 
     def plan(self, layer: int, num_layers: int, signal: Signal) -> Plan:
-        """Plan for ``layer`` from the tokens, keys, protected count and grid in ``signal``."""
+        """``vision`` stage: plan for ``layer`` from the tokens, keys, protected count and grid in ``signal``."""
+        raise NotImplementedError
+
+    def plan_images(self, features: Tensor, grid: tuple[int, int] | None) -> Plan:
+        """``projector`` stage: plan for the visual tokens ``features`` (G, N, C) of G images
+        with N tokens each (``grid``: their (rows, cols) patch grid, if they still form one)."""
+        raise NotImplementedError
+
+    def keep_mask(self, signal: SequenceSignal) -> Tensor:
+        """``llm`` stage: (B, L) True for the tokens that stay (every non-visual token stays)."""
         raise NotImplementedError

@@ -1,7 +1,9 @@
 """Baselines users compare against: random pruning and spatial average pooling of the patch grid.
 
-Both act before one block (``layer``, default 0: right after the patch embedding) and never
-touch the protected prefix tokens (class, registers).
+At the ``vision`` stage both act before one block (``layer``, default 0: right after the patch
+embedding) and never touch the protected prefix tokens (class, registers). At the
+``projector`` stage (``stage="projector"``) they act on each image's visual tokens before the
+language model, and ``positions`` says how the language model numbers the remaining tokens.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import torch
 from torch import Tensor
 
 from tokred.plan import Plan
-from tokred.reducers.base import Reducer, check_fraction
+from tokred.reducers.base import Reducer, check_fraction, check_positions
 
 if TYPE_CHECKING:
     from tokred.engine import Signal
@@ -22,6 +24,13 @@ if TYPE_CHECKING:
 def _check_layer(layer) -> None:
     if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
         raise ValueError(f"layer must be an int >= 0, got {layer!r}")
+
+
+def _check_stage(stage, positions) -> None:
+    if stage not in ("vision", "projector"):
+        raise ValueError(f"stage must be 'vision' (inside the vision encoder) or 'projector' (on the visual "
+                         f"tokens handed to a language model), got {stage!r}")
+    check_positions(positions)
 
 
 def _check_layer_fits(layer: int, num_layers: int) -> None:
@@ -65,20 +74,24 @@ class Random(Reducer):
 
     Args:
         keep: fraction in (0, 1] of the non-prefix tokens kept (at least one is kept).
-        layer: the block before which tokens are pruned.
+        layer: the block before which tokens are pruned (``vision`` stage).
         seed: seed of the generator, reset at every forward, so a forward is reproducible.
+        stage: ``"vision"`` or ``"projector"`` (each image's visual tokens before the language model).
+        positions: ``projector`` stage: ``"renumber"`` or ``"keep"`` the language model's position ids.
     """
 
     keep: float = 0.5
     layer: int = 0
     seed: int = 0
+    stage: str = "vision"
+    positions: str = "renumber"
 
-    stage = "vision"
     where = "before_block"
 
     def __post_init__(self):
         check_fraction("keep", self.keep)
         _check_layer(self.layer)
+        _check_stage(self.stage, self.positions)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
 
@@ -100,6 +113,11 @@ class Random(Reducer):
         keep = self.kept(tokens.shape[1] - signal.num_protected)
         return random_keep(tokens.shape[1], keep, tokens.shape[0], signal.num_protected, generator, tokens.device)
 
+    def plan_images(self, features: Tensor, grid: tuple[int, int] | None) -> Plan:
+        generator = torch.Generator(device=features.device).manual_seed(self.seed)
+        images, num_tokens = features.shape[:2]
+        return random_keep(num_tokens, self.kept(num_tokens), images, 0, generator, features.device)
+
 
 @dataclass(frozen=True)
 class Pool(Reducer):
@@ -107,13 +125,18 @@ class Pool(Reducer):
 
     Args:
         stride: window size and step, an int or (rows, cols); 2 keeps about a quarter of the patches.
-        layer: the block before which the grid is pooled (the grid must still be complete there).
+        layer: the block before which the grid is pooled (``vision`` stage; the grid must still be
+            complete there).
+        stage: ``"vision"`` or ``"projector"`` (each image's visual tokens before the language model,
+            when they still form the patch grid).
+        positions: ``projector`` stage: ``"renumber"`` or ``"keep"`` the language model's position ids.
     """
 
     stride: int | tuple[int, int] = 2
     layer: int = 0
+    stage: str = "vision"
+    positions: str = "renumber"
 
-    stage = "vision"
     where = "before_block"
 
     def __post_init__(self):
@@ -121,6 +144,7 @@ class Pool(Reducer):
         if len(strides) not in (1, 2) or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in strides):
             raise ValueError(f"stride must be an int >= 1 or a (rows, cols) pair of them, got {self.stride!r}")
         _check_layer(self.layer)
+        _check_stage(self.stage, self.positions)
 
     @property
     def strides(self) -> tuple[int, int]:
@@ -148,3 +172,10 @@ class Pool(Reducer):
     def plan(self, layer: int, num_layers: int, signal: Signal) -> Plan:
         return grid_pooling(self._grid(signal), self.strides, signal.tokens.shape[0], signal.num_protected,
                             signal.tokens.device)
+
+    def plan_images(self, features: Tensor, grid: tuple[int, int] | None) -> Plan:
+        if grid is None or grid[0] * grid[1] != features.shape[1]:
+            raise ValueError(f"Pool at the projector stage needs each image's visual tokens to be its full patch "
+                             f"grid; these {features.shape[1]} tokens are not (grid: {grid}). Use Random or "
+                             "DivPrune there instead")
+        return grid_pooling(grid, self.strides, features.shape[0], 0, features.device)

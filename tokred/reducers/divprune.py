@@ -2,14 +2,19 @@
 Multimodal Models", CVPR 2025): keep the k visual tokens that solve the max-min diversity
 problem greedily.
 
-This module holds the selection rule as a pure function; the reducer that applies it at the
-``projector`` stage of a vision-language model comes with the LLaVA adapters.
+:func:`select` is the rule as a pure function; :class:`DivPrune` applies it at the ``projector``
+stage of a vision-language model, to each image's projected visual tokens.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from tokred.plan import Plan
+from tokred.reducers.base import Reducer, check_keep, check_positions, kept_count
 
 
 def select(features: Tensor, k: int) -> Tensor:
@@ -39,3 +44,36 @@ def select(features: Tensor, k: int) -> Tensor:
         to_set = torch.minimum(to_set, distance[rows, pick])
         pick = to_set.masked_fill(picked, -torch.inf).argmax(dim=-1)
     return picked.nonzero()[:, 1].view(batch, k)
+
+
+def select_flops(num_tokens: int, channels: int) -> int:
+    """FLOPs of :func:`select` for one image: the N x N cosine-similarity matmul."""
+    return 2 * num_tokens * num_tokens * channels
+
+
+@dataclass(frozen=True)
+class DivPrune(Reducer):
+    """DivPrune at the ``projector`` stage: each image keeps its most diverse visual tokens.
+
+    Args:
+        keep: tokens kept per image: a fraction in (0, 1] (round(keep * N), at least 1) or a count.
+        positions: position ids of the remaining tokens in the language model: ``"renumber"``
+            (contiguous, as DivPrune does) or ``"keep"`` (the original positions, with gaps).
+    """
+
+    keep: int | float
+    positions: str = "renumber"
+
+    stage = "projector"
+
+    def __post_init__(self):
+        check_keep(self.keep)
+        check_positions(self.positions)
+
+    def plan_images(self, features: Tensor, grid: tuple[int, int] | None) -> Plan:
+        k = kept_count(self.keep, features.shape[1])
+        return Plan(keep=select(features, k), num_inputs=features.shape[1])
+
+    def overhead_flops(self, features: Tensor) -> int:
+        images, num_tokens, channels = features.shape
+        return images * select_flops(num_tokens, channels)

@@ -1,0 +1,499 @@
+"""Hugging Face LLaVA-family vision-language models (transformers 5.x):
+``LlavaForConditionalGeneration`` (LLaVA-1.5), ``LlavaNextForConditionalGeneration`` (AnyRes crops,
+``image_newline`` tokens) and ``LlavaOnevisionForConditionalGeneration`` (images).
+
+Stages:
+
+- ``vision``: inside the CLIP / SigLIP tower (the :class:`~tokred.adapters.hf_vision.VisionTower`
+  of the vision adapter), LLaVA-1.5 only: LLaVA-NeXT and OneVision lay the tower's output out on
+  the crop grid (AnyRes packing, newline tokens), which needs every patch. Each image's remaining
+  tokens fill the first slots of its placeholder run; the run's other placeholders are dropped.
+- ``projector``: on each image's projected visual tokens (``plan_images``), before the language model.
+- ``llm``: before decoder layer K, on the hidden states (``keep_mask``).
+
+Whatever a stage removes, the adapter drops the matching placeholder tokens from the sequence
+and keeps the attention mask, position ids (``positions="keep"`` or ``"renumber"``, an option of
+the projector and llm reducers), labels and the KV cache consistent, sample by sample: samples are
+left-padded again after pruning, so each sample is pruned by its own content alone.
+
+The language model runs in tokred's own loop over the decoder layers whenever tokens were
+removed: each group of layers between two prunings has its own attention mask, rotary table and
+positions, and its cache entries are shorter than those of the layers before it. The same loop
+serves prefill and every decode step (``generate`` works as usual); the bookkeeping travels with the
+cache object. When nothing is removed the model's own forward runs, bit for bit.
+
+Reducers decide on the prompt only. When a sequence that includes generated tokens is re-run
+without a cache, pass ``prompt_length=`` (the prompt's length) to the model call so the decisions
+match the cached run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import sys
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from tokred.adapters.base import Adapter, restore_class, swap_class
+from tokred.adapters.hf_vision import VisionTower, ProjectionRowsMixin
+from tokred.flops import FlopsReport, LayerCosts, attention_flops, linear_flops
+from tokred.plan import Plan
+from tokred.reducers.base import Reducer, kept_count
+from tokred.sequence import SequenceSignal, compaction, last_prompt_token
+from tokred.trace import LayerRecord, Trace
+
+#: the image inputs ``get_image_features`` of the three families accept
+_IMAGE_KWARGS = ("image_sizes", "vision_feature_layer", "vision_feature_select_strategy", "vision_aspect_ratio",
+                 "batch_num_images")
+
+
+def _families() -> dict[str, type]:
+    """Supported model classes by name, or {} without transformers."""
+    try:
+        from transformers import (LlavaForConditionalGeneration, LlavaNextForConditionalGeneration,
+                                  LlavaOnevisionForConditionalGeneration)
+    except ImportError:
+        return {}
+    return {"llava": LlavaForConditionalGeneration, "llava_next": LlavaNextForConditionalGeneration,
+            "llava_onevision": LlavaOnevisionForConditionalGeneration}
+
+
+def _additive_mask(key_valid: Tensor, queries: int, dtype: torch.dtype) -> Tensor:
+    """(B, 1, queries, K) additive mask: the last ``queries`` keys are the queries, causal, and
+    keys where ``key_valid`` (B, K) is False are masked."""
+    keys = key_valid.shape[1]
+    query_pos = torch.arange(keys - queries, keys, device=key_valid.device)[:, None]
+    allowed = (torch.arange(keys, device=key_valid.device)[None, :] <= query_pos)[None] & key_valid[:, None, :]
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=key_valid.device)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+@dataclass
+class Segment:
+    """Decoder layers ``first..`` (up to the next segment) and what their cache holds."""
+
+    first: int
+    valid: Tensor  # (B, cached tokens) real tokens in these layers' cache
+    next_position: Tensor  # (B,) position id of the next token
+    mask: Tensor | None = None
+    position_embeddings: tuple[Tensor, Tensor] | None = None
+    positions: Tensor | None = None
+
+
+@dataclass
+class Sequence:
+    """The batch of sequences between prunings, aligned token by token."""
+
+    hidden: Tensor  # (B, L, C)
+    positions: Tensor  # (B, L) position ids
+    valid: Tensor  # (B, L) real tokens
+    visual: Tensor  # (B, L) visual tokens
+    prompt: Tensor  # (B, L) tokens decisions may use
+    origin: Tensor  # (B, L) 1 + index in the input sequence, 0 for padding
+
+    def compact(self, keep: Tensor, positions: str, next_position: Tensor) -> tuple[Sequence, Tensor]:
+        """The kept tokens, left-padded again, and the next position id per sample."""
+        plan: Plan = compaction(keep & self.valid)
+        valid = plan.select(self.valid)
+        if positions == "renumber":
+            new_positions = (valid.long().cumsum(dim=1) - 1).clamp(min=0)
+            next_position = valid.sum(dim=1)
+        else:
+            new_positions = plan.select(self.positions)
+        return Sequence(plan.select(self.hidden), new_positions, valid, plan.select(self.visual),
+                        plan.select(self.prompt), plan.select(self.origin)), next_position
+
+
+class LlavaAdapter(Adapter):
+    family = ("Hugging Face LLaVA family (transformers LlavaForConditionalGeneration, "
+              "LlavaNextForConditionalGeneration, LlavaOnevisionForConditionalGeneration)")
+    stages = ("vision", "projector", "llm")
+    provides_heads = True
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        if "transformers" not in sys.modules:
+            return False
+        return isinstance(model, tuple(_families().values()))
+
+    def __init__(self, model: nn.Module, reducers: dict[str, Reducer]):
+        super().__init__(model, reducers)
+        name = type(model).__name__
+        self.kind = next(kind for kind, cls in _families().items() if isinstance(model, cls))
+        base = model.model
+        if reducers.get("vision") is not None and self.kind != "llava":
+            raise ValueError(f"{name} packs the vision tower's patches on the AnyRes crop grid (with newline tokens), "
+                             "which needs every patch: put the reducer at the 'projector' or 'llm' stage instead")
+        language_model = base.language_model
+        for part in ("embed_tokens", "layers", "norm", "rotary_emb"):
+            if not hasattr(language_model, part):
+                raise TypeError(f"{name}'s language model ({type(language_model).__name__}) has no `{part}`; tokred "
+                                "supports Llama / Qwen2 / Mistral-style decoders")
+        text_config = language_model.config
+        if any(kind != "full_attention" for kind in getattr(text_config, "layer_types", None) or []):
+            raise TypeError(f"{name}'s language model has sliding-window layers, which tokred does not support")
+        self.language_model, self.layers = language_model, list(language_model.layers)
+        llm = reducers.get("llm")
+        if llm is not None:
+            llm.check(len(self.layers))
+        current = model.__dict__.get("_tokred_adapter")
+        self.tower = VisionTower(base.vision_tower, reducers.get("vision"), on_end=self._tower_done,
+                                 replaces=current.tower if isinstance(current, LlavaAdapter) else None)
+        self.config = model.config
+        projector = reducers.get("projector")
+        if projector is not None and self.image_grid() is None and hasattr(projector, "strides"):
+            raise ValueError(f"Pool at the projector stage needs each image's visual tokens to form the patch grid; "
+                             f"{name}'s do not (AnyRes crops, newline tokens or the class token): use Random or "
+                             "DivPrune there")
+        if projector is not None and self.image_grid() is not None:
+            rows, cols = self.image_grid()
+            kept_count(getattr(projector, "keep", 1.0), rows * cols)  # an int keep larger than an image's tokens
+        self.projector = base.multi_modal_projector
+        self.original_forward = model.forward
+        self.tower_trace: Trace | None = None
+        self.projected_rows = 0  # visual features the projector ran on in the last prefill
+        self.logit_rows = 0  # rows the LM head ran on in the last prefill
+
+    # patching -------------------------------------------------------------------------------------
+    def patch(self) -> None:
+        self.tower.patch()
+        swap_class(self.projector, ProjectionRowsMixin)
+        self.projector._tokred_owner = self
+        original = self.original_forward
+
+        @functools.wraps(original)
+        def forward(*args, **kwargs):
+            return self.forward(*args, **kwargs)
+
+        self.model.forward = forward
+        self.model._tokred_adapter = self
+
+    def unpatch(self) -> None:
+        self.tower.unpatch()
+        restore_class(self.projector)
+        del self.projector._tokred_owner
+        del self.model.forward
+        del self.model._tokred_adapter
+
+    def _tower_done(self, trace: Trace) -> None:
+        self.tower_trace = trace
+
+    @property
+    def vision_stage(self):
+        return self.tower.stage
+
+    def layer_costs(self, layer: int) -> LayerCosts:
+        return self.tower.layer_costs(layer)
+
+    def image_grid(self) -> tuple[int, int] | None:
+        """(rows, cols) of an image's visual tokens when they form the patch grid (LLaVA-1.5, class token dropped)."""
+        if self.kind != "llava" or self.config.vision_feature_select_strategy != "default":
+            return None
+        if not isinstance(self.config.vision_feature_layer, int):
+            return None
+        vision = self.config.vision_config
+        side = vision.image_size // vision.patch_size
+        return side, side
+
+    # forward --------------------------------------------------------------------------------------
+    def forward(self, input_ids: Tensor | None = None, pixel_values: Tensor | None = None,
+                attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
+                past_key_values=None, inputs_embeds: Tensor | None = None, labels: Tensor | None = None,
+                use_cache: bool | None = None, logits_to_keep: int | Tensor = 0, prompt_length: int | None = None,
+                **kwargs):
+        state = getattr(past_key_values, "_tokred", None)
+        if state is not None:
+            return self._decode(state, input_ids, inputs_embeds, attention_mask, past_key_values, logits_to_keep,
+                                kwargs)
+        call = dict(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
+                    position_ids=position_ids, past_key_values=past_key_values, inputs_embeds=inputs_embeds,
+                    labels=labels, use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
+        if pixel_values is None:  # text only, or a decode step of an unreduced prefill
+            return self.original_forward(**call)
+        if input_ids is None:
+            raise ValueError("tokred needs input_ids (to find the image placeholders) when pixel_values are given")
+        if kwargs.get("pixel_values_videos") is not None:
+            raise ValueError("tokred does not reduce video inputs of LLaVA-OneVision yet; call tokred.remove(model)")
+        for flag in ("output_attentions", "output_hidden_states"):
+            if kwargs.get(flag):
+                raise ValueError(f"{flag} is not supported while tokred reduces tokens; call tokred.remove(model)")
+        if past_key_values is not None and past_key_values.get_seq_length() > 0:
+            raise ValueError("tokred starts a reduced prefill from an empty cache; got a cache that already holds "
+                             f"{past_key_values.get_seq_length()} tokens")
+        return self._prefill(call, prompt_length)
+
+    def _image_features(self, call: dict) -> list[Tensor]:
+        base = self.model.model
+        accepted = inspect.signature(base.get_image_features).parameters
+        image_kwargs = {k: call[k] for k in _IMAGE_KWARGS if k in accepted and call.get(k) is not None}
+        for name in ("vision_feature_layer", "vision_feature_select_strategy", "vision_aspect_ratio"):
+            if name in accepted and name not in image_kwargs and hasattr(self.config, name):
+                image_kwargs[name] = getattr(self.config, name)
+        return base.get_image_features(pixel_values=call["pixel_values"], return_dict=True, **image_kwargs)
+
+    def _placeholders(self, input_ids: Tensor, counts: list[int]) -> list[tuple[int, Tensor]]:
+        """Per image, (sample, positions of its placeholder tokens); images fill the placeholders in order."""
+        is_image = input_ids == self.config.image_token_id
+        if int(is_image.sum()) != sum(counts):
+            raise ValueError(f"the prompt has {int(is_image.sum())} image placeholder tokens but the images need "
+                             f"{sum(counts)} ({len(counts)} images of {counts} tokens); build the prompt with the "
+                             "model's processor for these images")
+        samples, positions = is_image.nonzero(as_tuple=True)
+        runs, start = [], 0
+        for count in counts:
+            sample = samples[start:start + count]
+            if bool((sample != sample[0]).any()):
+                raise ValueError("an image's placeholder tokens are split across two samples of the batch; each "
+                                 "sample's prompt must hold the placeholders of its own images")
+            runs.append((int(sample[0]), positions[start:start + count]))
+            start += count
+        return runs
+
+    def _projector(self, features: list[Tensor], counts: list[int], record: LayerRecord) -> list[tuple[Tensor, Tensor]]:
+        """Per image, (kept slots among its placeholders, their features), after the projector reducer."""
+        reducer = self.reducers.get("projector")
+        out: list[tuple[Tensor, Tensor] | None] = [None] * len(features)
+        by_length: dict[int, list[int]] = {}
+        for i, f in enumerate(features):
+            by_length.setdefault(f.shape[0], []).append(i)
+        for length, images in by_length.items():
+            stacked = torch.stack([features[i] for i in images])
+            slots = torch.arange(length, device=stacked.device).expand(len(images), -1)
+            if reducer is not None:
+                grid = self.image_grid() if all(length == counts[i] for i in images) else None
+                plan = reducer.plan_images(stacked, grid)
+                if plan.merges:
+                    size = stacked.new_ones(*stacked.shape[:2], 1)
+                    stacked = plan.weighted_mean(stacked, size)[0]
+                else:
+                    stacked = plan.select(stacked)
+                slots = plan.keep
+                record.reducer_flops += reducer.overhead_flops(torch.stack([features[i] for i in images]))
+            for j, i in enumerate(images):
+                order = slots[j].argsort()  # features go to their slots in sequence order
+                out[i] = (slots[j][order], stacked[j][order])
+        return out
+
+    def _prefill(self, call: dict, prompt_length: int | None):
+        input_ids, attention_mask = call["input_ids"], call["attention_mask"]
+        batch, length = input_ids.shape
+        embed = self.language_model.embed_tokens
+        encoded = self._image_features(call)
+        features = list(encoded.pooler_output)
+        counts = [f.shape[0] for f in features]
+        if self.reducers.get("vision") is not None and self.tower_trace is not None:
+            full = self.tower_trace.layers[0].tokens_in - (self.config.vision_feature_select_strategy == "default")
+            counts = [full] * len(features)
+        runs = self._placeholders(input_ids, counts)
+        record = LayerRecord("projector", 0, tokens_in=sum(counts), tokens_attention=sum(counts),
+                             tokens_out=sum(counts))
+        kept = self._projector(features, counts, record)
+        record.tokens_out = sum(int(k[0].numel()) for k in kept)
+        removed = record.tokens_out < record.tokens_in
+        llm = self.reducers.get("llm")
+        llm_acts = llm is not None and llm.keep != 1.0
+        if not removed and not llm_acts:
+            return self._unreduced(call, encoded, record)
+
+        embeds = embed(input_ids)
+        keep = torch.ones(batch, length, dtype=torch.bool, device=input_ids.device)
+        visual = torch.zeros_like(keep)
+        for (sample, positions), (slots, values) in zip(runs, kept):
+            keep[sample, positions] = False
+            visual[sample, positions[slots]] = True
+            keep[sample, positions[slots]] = True
+            embeds[sample, positions[slots]] = values.to(embeds.dtype)
+        valid = attention_mask.bool() if attention_mask is not None else torch.ones_like(keep)
+        positions = call["position_ids"]
+        if positions is None:
+            positions = (valid.long().cumsum(dim=1) - 1).clamp(min=0)
+        index = torch.arange(length, device=keep.device).expand(batch, -1)
+        prompt = valid & (index < (length if prompt_length is None else prompt_length))
+        seq = Sequence(embeds, positions, valid, visual, prompt, index + 1)
+        next_position = torch.where(valid, positions, -1).amax(dim=1) + 1
+        projector = self.reducers.get("projector")
+        convention = projector.positions if projector is not None else "renumber"
+        if removed:
+            seq, next_position = seq.compact(keep, convention, next_position)
+        return self._run_language_model(seq, next_position, call, record)
+
+    def _unreduced(self, call: dict, encoded, record: LayerRecord):
+        """Nothing removed: the model's own forward on the image features already computed."""
+        out = self.original_forward(**{**call, "pixel_values": None, "mm_encoder_outputs": {"image": encoded}})
+        batch, length = call["input_ids"].shape
+        self.logit_rows = out.logits.shape[0] * out.logits.shape[1]
+        self._finish_trace(batch, [(0, length)], record, None)
+        return out
+
+    # the decoder loop -------------------------------------------------------------------------------
+    def _segment_inputs(self, segment: Segment, hidden: Tensor, queries: int, positions: Tensor) -> None:
+        segment.mask = _additive_mask(segment.valid, queries, hidden.dtype)
+        segment.positions = positions
+        segment.position_embeddings = self.language_model.rotary_emb(hidden, positions)
+
+    def _layer(self, i: int, hidden: Tensor, segment: Segment, cache) -> Tensor:
+        return self.layers[i](hidden, attention_mask=segment.mask, position_ids=segment.positions,
+                              past_key_values=cache, use_cache=True, position_embeddings=segment.position_embeddings)
+
+    def _run_language_model(self, seq: Sequence, next_position: Tensor, call: dict, projector_record: LayerRecord):
+        from transformers import DynamicCache
+
+        cache = call["past_key_values"]
+        if cache is None:
+            cache = DynamicCache(config=self.language_model.config)
+        llm = self.reducers.get("llm")
+        segment = Segment(0, seq.valid, next_position)
+        self._segment_inputs(segment, seq.hidden, seq.hidden.shape[1], seq.positions)
+        segments, lengths = [segment], [(0, seq.hidden.shape[1])]
+        hidden, llm_flops = seq.hidden, 0
+        for i in range(len(self.layers)):
+            if llm is not None and i == llm.layer:
+                signal = SequenceSignal(hidden, seq.visual, seq.valid, seq.prompt)
+                if llm.needs_keys:
+                    signal.keys = cache.layers[i - 1].keys
+                if llm.needs_last_attention:
+                    signal.last_attention, llm_flops = self._last_attention(i - 1, entering, segment, cache, seq)
+                keep = llm.keep_mask(signal)
+                if bool((~keep & ~seq.visual & seq.valid).any()):
+                    raise RuntimeError(f"{type(llm).__name__} removed a text token; only visual tokens may go")
+                llm_flops += llm.overhead_flops(signal)
+                seq, next_position = dataclasses.replace(seq, hidden=hidden).compact(
+                    keep, llm.positions, segment.next_position)
+                hidden = seq.hidden
+                segment = Segment(i, seq.valid, next_position)
+                self._segment_inputs(segment, hidden, hidden.shape[1], seq.positions)
+                segments.append(segment)
+                lengths.append((i, hidden.shape[1]))
+            entering = hidden
+            hidden = self._layer(i, hidden, segment, cache)
+        hidden = self.language_model.norm(hidden)
+        for s in segments:
+            s.mask = s.position_embeddings = s.positions = None
+        use_cache = call["use_cache"] if call["use_cache"] is not None else self.config.text_config.use_cache
+        if use_cache:
+            cache._tokred = segments
+        batch = hidden.shape[0]
+        self._finish_trace(batch, lengths, projector_record, (llm.layer, llm_flops) if llm is not None else None,
+                           valid=seq.valid)
+        labels = call["labels"]
+        if labels is not None:
+            origin = seq.origin
+            labels = torch.where(origin > 0, labels.gather(1, (origin - 1).clamp(min=0)), -100)
+        out = self._output(hidden, call["logits_to_keep"], labels, cache if use_cache else None)
+        self.logit_rows = out.logits.shape[0] * out.logits.shape[1]
+        return out
+
+    def _last_attention(self, layer: int, entering: Tensor, segment: Segment, cache, seq: Sequence):
+        """Attention of each sample's last prompt token over all tokens at decoder layer ``layer``
+        (averaged over heads), from that one query row and the layer's cached keys; and its FLOPs."""
+        decoder = self.layers[layer]
+        attn = decoder.self_attn
+        batch = entering.shape[0]
+        rows = torch.arange(batch, device=entering.device)
+        last = last_prompt_token(seq.prompt)
+        x = decoder.input_layernorm(entering[rows, last][:, None])
+        q = attn.q_proj(x).view(batch, 1, -1, attn.head_dim).transpose(1, 2)  # (B, H, 1, D)
+        if hasattr(attn, "q_norm"):
+            q = attn.q_norm(q)
+        cos, sin = (t[rows, last][:, None, None] for t in segment.position_embeddings)
+        q = q * cos + _rotate_half(q) * sin
+        keys = cache.layers[layer].keys
+        keys = keys.repeat_interleave(q.shape[1] // keys.shape[1], dim=1)
+        logits = (q @ keys.transpose(-1, -2))[:, :, 0] * attn.scaling  # (B, H, L)
+        positions = torch.arange(keys.shape[2], device=keys.device)
+        allowed = seq.valid & (positions[None] <= last[:, None])
+        logits = logits.masked_fill(~allowed[:, None], torch.finfo(logits.dtype).min)
+        row = logits.softmax(dim=-1).mean(dim=1)
+        flops = linear_flops(attn.q_proj, batch) + 2 * batch * q.shape[1] * keys.shape[2] * attn.head_dim
+        return row, flops
+
+    def _decode(self, segments: list[Segment], input_ids, inputs_embeds, attention_mask, cache, logits_to_keep,
+                kwargs):
+        hidden = self.language_model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        batch, queries = hidden.shape[:2]
+        new_valid = (attention_mask[:, -queries:].bool() if attention_mask is not None
+                     else torch.ones(batch, queries, dtype=torch.bool, device=hidden.device))
+        for segment in segments:
+            segment.valid = torch.cat([segment.valid, new_valid], dim=1)
+            positions = segment.next_position[:, None] + torch.arange(queries, device=hidden.device)
+            segment.next_position = segment.next_position + queries
+            self._segment_inputs(segment, hidden, queries, positions)
+        starts = [s.first for s in segments]
+        for i in range(len(self.layers)):
+            segment = segments[sum(start <= i for start in starts) - 1]
+            hidden = self._layer(i, hidden, segment, cache)
+        for s in segments:
+            s.mask = s.position_embeddings = s.positions = None
+        return self._output(self.language_model.norm(hidden), logits_to_keep, None, cache)
+
+    def _output(self, hidden: Tensor, logits_to_keep, labels: Tensor | None, cache):
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.model.lm_head(hidden[:, keep, :])
+        loss = None
+        if labels is not None:
+            loss = self.model.loss_function(logits=logits, labels=labels,
+                                            vocab_size=self.config.text_config.vocab_size)
+        module = sys.modules[type(self.model).__module__]
+        output_class = getattr(module, type(self.model).__name__.replace("ForConditionalGeneration",
+                                                                          "CausalLMOutputWithPast"))
+        return output_class(loss=loss, logits=logits, past_key_values=cache)
+
+    # trace and FLOPs --------------------------------------------------------------------------------
+    def _finish_trace(self, batch: int, lengths: list[tuple[int, int]], projector_record: LayerRecord,
+                      llm: tuple[int, int] | None, valid: Tensor | None = None) -> None:
+        trace = Trace(batch_size=batch, num_prefix=0, grid=None)
+        if self.tower_trace is not None:
+            trace.layers += self.tower_trace.layers
+            trace.notes += self.tower_trace.notes
+        trace.layers.append(projector_record)
+        starts = [start for start, _ in lengths]
+        for i in range(len(self.layers)):
+            length = lengths[sum(start <= i for start in starts) - 1][1]
+            previous = lengths[sum(start < i for start in starts) - 1][1] if i else length
+            record = LayerRecord("llm", i, tokens_in=previous, tokens_attention=length, tokens_out=length)
+            if llm is not None and i == llm[0]:
+                record.reducer_flops = llm[1]
+                if valid is not None:
+                    record.tokens_per_image = valid.sum(dim=1).tolist()
+            trace.layers.append(record)
+        self.trace = trace
+
+    def llm_costs(self, layer: int) -> LayerCosts:
+        decoder = self.layers[layer]
+        attn = decoder.self_attn
+        heads = self.language_model.config.num_attention_heads
+        return LayerCosts(per_attention_token=linear_flops(attn, 1),
+                          per_token_pair=attention_flops(1, heads, 1, 1, attn.head_dim),
+                          per_mlp_token=linear_flops(decoder.mlp, 1))
+
+    def flops(self, trace: Trace) -> FlopsReport:
+        """FLOPs of the last prefill by stage (``vision``, ``projector``, ``llm_prefill``) and of one
+        decode step after it (``decode_per_token``: one new token per sample, with the cache the prefill left)."""
+        report = FlopsReport()
+        if self.tower_trace is not None:
+            self.tower.add_flops(self.tower_trace, report)
+            report.add("projector", "projector", linear_flops(self.model.model.multi_modal_projector,
+                                                               self.projected_rows))
+        batch = trace.batch_size
+        for record in trace.layers:
+            if record.stage == "projector" and record.reducer_flops:
+                report.add("projector", "reducer", record.reducer_flops)
+            if record.stage != "llm":
+                continue
+            costs = self.llm_costs(record.layer)
+            report.add("llm_prefill", f"layer{record.layer}", batch * costs.flops(record.tokens_out, record.tokens_out))
+            if record.reducer_flops:
+                report.add("llm_prefill", f"layer{record.layer}.reducer", record.reducer_flops)
+            decode = costs.per_attention_token + costs.per_token_pair * (record.tokens_out + 1) + costs.per_mlp_token
+            report.add("decode_per_token", f"layer{record.layer}", batch * decode)
+        report.add("llm_prefill", "lm_head", linear_flops(self.model.lm_head, self.logit_rows))
+        report.add("decode_per_token", "lm_head", linear_flops(self.model.lm_head, batch))
+        return report
