@@ -216,7 +216,8 @@ class LlavaAdapter(Adapter):
         call = dict(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
                     position_ids=position_ids, past_key_values=past_key_values, inputs_embeds=inputs_embeds,
                     labels=labels, use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
-        if pixel_values is None:  # text only, or a decode step of an unreduced prefill
+        encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")  # generate() encodes images first
+        if pixel_values is None and encoded is None:  # text only, or a decode step of an unreduced prefill
             return self.original_forward(**call)
         if input_ids is None:
             raise ValueError("tokred needs input_ids (to find the image placeholders) when pixel_values are given")
@@ -228,7 +229,7 @@ class LlavaAdapter(Adapter):
         if past_key_values is not None and past_key_values.get_seq_length() > 0:
             raise ValueError("tokred starts a reduced prefill from an empty cache; got a cache that already holds "
                              f"{past_key_values.get_seq_length()} tokens")
-        return self._prefill(call, prompt_length)
+        return self._prefill(call, encoded if encoded is not None else self._image_features(call), prompt_length)
 
     def _image_features(self, call: dict) -> list[Tensor]:
         base = self.model.model
@@ -282,11 +283,12 @@ class LlavaAdapter(Adapter):
                 out[i] = (slots[j][order], stacked[j][order])
         return out
 
-    def _prefill(self, call: dict, prompt_length: int | None):
+    def _prefill(self, call: dict, encoded, prompt_length: int | None):
+        """A forward on a prompt with images: image features (``encoded``, the output of
+        ``get_image_features``), the projector stage, then the language model."""
         input_ids, attention_mask = call["input_ids"], call["attention_mask"]
         batch, length = input_ids.shape
         embed = self.language_model.embed_tokens
-        encoded = self._image_features(call)
         features = list(encoded.pooler_output)
         counts = [f.shape[0] for f in features]
         if self.reducers.get("vision") is not None and self.tower_trace is not None:
@@ -356,7 +358,7 @@ class LlavaAdapter(Adapter):
         hidden, llm_flops = seq.hidden, 0
         for i in range(len(self.layers)):
             if llm is not None and i == llm.layer:
-                signal = SequenceSignal(hidden, seq.visual, seq.valid, seq.prompt)
+                signal = SequenceSignal(self.language_model.norm(hidden), seq.visual, seq.valid, seq.prompt)
                 if llm.needs_keys:
                     signal.keys = cache.layers[i - 1].keys
                 if llm.needs_last_attention:

@@ -20,7 +20,8 @@ class SequenceSignal:
     """One batch of sequences at an ``llm``-stage hook point.
 
     Attributes:
-        hidden: (B, L, C) hidden states entering decoder layer K.
+        hidden: (B, L, C) hidden states entering decoder layer K, through the language model's
+            final norm (as DART's reference compares them).
         visual: (B, L) True for visual tokens (the only tokens a reducer may remove).
         valid: (B, L) True for real tokens, False for padding.
         prompt: (B, L) True for the tokens reducers may base decisions on: the prompt, not
