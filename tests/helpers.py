@@ -127,10 +127,18 @@ def llava_inputs(model, prompts: list[tuple[list[int], list[int]]], seed: int = 
         image_sizes = image_sizes or [[32, 32]] * batch
         pixel_values = torch.randn(batch, 5, 3, 32, 32, generator=generator)
         extra = {"image_sizes": torch.tensor(image_sizes)}
-    with torch.no_grad():
-        features = model.model.get_image_features(pixel_values=pixel_values, return_dict=True,
-                                                  **({"image_sizes": extra["image_sizes"]} if extra else {})
-                                                  ).pooler_output
+    import tokred
+
+    previous = tokred.reducers_of(model) if "_tokred_adapter" in model.__dict__ else None
+    tokred.remove(model)  # the processor counts the unreduced tower's tokens
+    try:
+        with torch.no_grad():
+            features = model.model.get_image_features(pixel_values=pixel_values, return_dict=True,
+                                                      **({"image_sizes": extra["image_sizes"]} if extra else {})
+                                                      ).pooler_output
+    finally:
+        if previous is not None:
+            tokred.apply(model, *previous)
     rows = [before + [IMAGE_TOKEN] * f.shape[0] + after for (before, after), f in zip(prompts, features)]
     width = max(len(r) for r in rows)
     input_ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
