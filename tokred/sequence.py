@@ -7,6 +7,7 @@ tokens stay; text is never removed. Sequences are left-padded; ``valid`` marks r
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +39,18 @@ class SequenceSignal:
     prompt: Tensor
     keys: Tensor | None = None
     last_attention: Tensor | None = None
+
+
+def keep_visual(signal: SequenceSignal, keep: int | float, choose: Callable[[int, int], Tensor]) -> Tensor:
+    """(B, L) keep mask: every non-visual token, and per sample b with N visual tokens the
+    positions ``choose(b, k)`` returns, k = ``kept_count(keep, N)``."""
+    from tokred.reducers.base import kept_count
+
+    mask = ~signal.visual
+    for b, num_visual in enumerate(signal.visual.sum(dim=1).tolist()):
+        if num_visual:
+            mask[b, choose(b, kept_count(keep, num_visual))] = True
+    return mask
 
 
 def last_prompt_token(prompt: Tensor) -> Tensor:

@@ -58,6 +58,15 @@ def check_decoder_layer(layer) -> None:
                          f"signal comes from layer K - 1), got {layer!r}")
 
 
+def check_decoder_layer_fits(name: str, layer: int, num_layers: int) -> None:
+    """A ``ValueError`` unless ``layer`` is a decoder layer 1..num_layers - 1 (an ``llm``-stage
+    reducer acts before layer K on a signal from layer K - 1)."""
+    if layer >= num_layers:
+        allowed = f"1..{num_layers - 1}" if num_layers > 1 else "none: it needs at least 2"
+        raise ValueError(f"{name} layer={layer}, but the language model has {num_layers} decoder layers; layer K "
+                         f"must be a decoder layer after the first (allowed: {allowed})")
+
+
 class Reducer:
     """Base class of every reducer.
 

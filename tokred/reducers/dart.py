@@ -29,9 +29,8 @@ are kept (pivots only, no picks). A sample with fewer text tokens after the imag
 after the image), the visual token with the largest key norm becomes the one image pivot.
 
 Fidelity note: the reference passes the hidden states through the language model's final
-norm before the cosine similarity (RMSNorm's per-channel weight changes cosines). DART here
-compares ``SequenceSignal.hidden`` as given: an adapter that wants the reference's choice
-hands it the hidden states through that norm.
+norm before the cosine similarity (RMSNorm's per-channel weight changes cosines);
+``SequenceSignal.hidden`` is exactly that (the LLaVA adapter applies the norm).
 
 :func:`select` is the rule for one sample as a pure function; :class:`DART` applies it at the
 ``llm`` stage of a vision-language model.
@@ -45,7 +44,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tokred.reducers.base import Reducer, check_decoder_layer, check_keep, check_positions, kept_count
+from tokred.reducers.base import (Reducer, check_decoder_layer, check_decoder_layer_fits, check_keep, check_positions,
+                                  kept_count)
+from tokred.sequence import keep_visual
 
 if TYPE_CHECKING:
     from tokred.sequence import SequenceSignal
@@ -59,15 +60,6 @@ def check_pivots(image_pivots, text_pivots) -> None:
     if image_pivots == 0 and text_pivots == 0:
         raise ValueError("image_pivots and text_pivots are both 0, but DART needs at least one pivot to measure "
                          "duplication against; set either to 1 or more (default 4 and 4)")
-
-
-def check_layer_fits(name: str, layer: int, num_layers: int) -> None:
-    """A ``ValueError`` unless ``layer`` is a decoder layer 1..num_layers - 1 (an ``llm``-stage
-    reducer acts before layer K on a signal from layer K - 1)."""
-    if layer >= num_layers:
-        allowed = f"1..{num_layers - 1}" if num_layers > 1 else "none: it needs at least 2"
-        raise ValueError(f"{name} layer={layer}, but the language model has {num_layers} decoder layers; layer K "
-                         f"must be a decoder layer after the first (allowed: {allowed})")
 
 
 def budget(num_visual: int, num_text: int, k: int, image_pivots: int = 4,
@@ -152,7 +144,7 @@ def select_flops(num_visual: int, num_text: int, k: int, channels: int, image_pi
 
 def key_norms(keys: Tensor) -> Tensor:
     """(B, L) L1 norm of each token's keys (B, H_kv, L, D), over KV heads and head dims."""
-    return keys.float().abs().sum(dim=(1, 3)) if keys.dtype != torch.float64 else keys.abs().sum(dim=(1, 3))
+    return keys.to(torch.promote_types(keys.dtype, torch.float32)).abs().sum(dim=(1, 3))
 
 
 def text_after_image(signal: SequenceSignal) -> Tensor:
@@ -196,23 +188,14 @@ class DART(Reducer):
         check_positions(self.positions)
 
     def check(self, num_layers: int) -> None:
-        check_layer_fits("DART", self.layer, num_layers)
+        check_decoder_layer_fits("DART", self.layer, num_layers)
 
     def keep_mask(self, signal: SequenceSignal) -> Tensor:
         if signal.keys is None:
             raise ValueError("DART needs the keys of decoder layer K - 1 (SequenceSignal.keys), got None")
-        norms = key_norms(signal.keys)
-        text = text_after_image(signal)
-        mask = ~signal.visual
-        for b in range(signal.visual.shape[0]):
-            num_visual = int(signal.visual[b].sum())
-            if num_visual == 0:
-                mask[b] = True
-                continue
-            kept = select(signal.hidden[b], norms[b], signal.visual[b], text[b], kept_count(self.keep, num_visual),
-                          self.image_pivots, self.text_pivots)
-            mask[b, kept] = True
-        return mask
+        norms, text = key_norms(signal.keys), text_after_image(signal)
+        return keep_visual(signal, self.keep, lambda b, k: select(signal.hidden[b], norms[b], signal.visual[b],
+                                                                  text[b], k, self.image_pivots, self.text_pivots))
 
     def overhead_flops(self, signal: SequenceSignal) -> int:
         num_visual = signal.visual.sum(dim=1).tolist()

@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import Tensor
 
-from tokred.reducers.base import Reducer, check_decoder_layer, check_keep, check_positions, kept_count
-from tokred.reducers.dart import check_layer_fits
+from tokred.reducers.base import Reducer, check_decoder_layer, check_decoder_layer_fits, check_keep, check_positions
+from tokred.sequence import keep_visual
 
 if TYPE_CHECKING:
     from tokred.sequence import SequenceSignal
@@ -69,20 +69,13 @@ class FastV(Reducer):
         check_positions(self.positions)
 
     def check(self, num_layers: int) -> None:
-        check_layer_fits("FastV", self.layer, num_layers)
+        check_decoder_layer_fits("FastV", self.layer, num_layers)
 
     def keep_mask(self, signal: SequenceSignal) -> Tensor:
         if signal.last_attention is None:
             raise ValueError("FastV needs the last prompt token's attention row at decoder layer K - 1 "
                              "(SequenceSignal.last_attention), got None")
-        mask = ~signal.visual
-        for b in range(signal.visual.shape[0]):
-            num_visual = int(signal.visual[b].sum())
-            if num_visual == 0:
-                mask[b] = True
-                continue
-            mask[b, select(signal.last_attention[b], signal.visual[b], kept_count(self.keep, num_visual))] = True
-        return mask
+        return keep_visual(signal, self.keep, lambda b, k: select(signal.last_attention[b], signal.visual[b], k))
 
     def overhead_flops(self, signal: SequenceSignal) -> int:
         return 0  # the adapter computes (and counts) the attention row
