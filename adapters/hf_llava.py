@@ -41,6 +41,7 @@ from tokred.adapters.base import Adapter, restore_class, swap_class
 from tokred.adapters.hf_vision import VisionTower, ProjectionRowsMixin
 from tokred.flops import FlopsReport, LayerCosts, attention_flops, linear_flops
 from tokred.plan import Plan
+from tokred.reducers.baselines import Pool
 from tokred.reducers.base import Reducer, kept_count
 from tokred.sequence import SequenceSignal, compaction, last_prompt_token
 from tokred.trace import LayerRecord, Trace
@@ -149,13 +150,13 @@ class LlavaAdapter(Adapter):
                                  replaces=current.tower if isinstance(current, LlavaAdapter) else None)
         self.config = model.config
         projector = reducers.get("projector")
-        if projector is not None and self.image_grid() is None and hasattr(projector, "strides"):
+        if isinstance(projector, Pool) and self.image_grid() is None:
             raise ValueError(f"Pool at the projector stage needs each image's visual tokens to form the patch grid; "
                              f"{name}'s do not (AnyRes crops, newline tokens or the class token): use Random or "
                              "DivPrune there")
-        if projector is not None and self.image_grid() is not None:
+        if isinstance(getattr(projector, "keep", None), int) and self.image_grid() is not None:
             rows, cols = self.image_grid()
-            kept_count(getattr(projector, "keep", 1.0), rows * cols)  # an int keep larger than an image's tokens
+            kept_count(projector.keep, rows * cols)  # a count larger than an image's tokens
         self.projector = base.multi_modal_projector
         self.original_forward = model.forward
         self.tower_trace: Trace | None = None
@@ -292,7 +293,8 @@ class LlavaAdapter(Adapter):
         features = list(encoded.pooler_output)
         counts = [f.shape[0] for f in features]
         if self.reducers.get("vision") is not None and self.tower_trace is not None:
-            full = self.tower_trace.layers[0].tokens_in - (self.config.vision_feature_select_strategy == "default")
+            class_token = int(self.config.vision_feature_select_strategy == "default")
+            full = self.tower_trace.layers[0].tokens_in - class_token
             counts = [full] * len(features)
         runs = self._placeholders(input_ids, counts)
         record = LayerRecord("projector", 0, tokens_in=sum(counts), tokens_attention=sum(counts),
