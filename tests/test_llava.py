@@ -299,3 +299,14 @@ def test_unsupported_vlm_class_names_the_families():
     with pytest.raises(TypeError, match="LLaVA family"):
         tokred.apply(model, tokred.DivPrune(keep=0.5))
     assert "forward" not in model.__dict__
+
+
+@pytest.mark.parametrize("reducer", [tokred.DivPrune(keep=0.5), tokred.DART(keep=0.5),
+                                     tokred.Random(keep=0.5, stage="projector")], ids=str)
+def test_language_model_stages_on_a_vision_model(reducer):
+    from helpers import tiny_vit
+
+    model = tiny_vit()
+    with pytest.raises(ValueError, match=f"'{reducer.stage}' stage, which VisionTransformer does not have"):
+        tokred.apply(model, reducer)
+    assert type(model).__name__ == "VisionTransformer"
