@@ -158,7 +158,7 @@ class LlavaAdapter(Adapter):
             rows, cols = self.image_grid()
             kept_count(projector.keep, rows * cols)  # a count larger than an image's tokens
         self.projector = base.multi_modal_projector
-        self.original_forward = model.forward
+        self.original_forward = type(model).forward.__get__(model)  # the class's, even while patched
         self.tower_trace: Trace | None = None
         self.projected_rows = 0  # visual features the projector ran on in the last prefill
         self.logit_rows = 0  # rows the LM head ran on in the last prefill

@@ -310,3 +310,19 @@ def test_language_model_stages_on_a_vision_model(reducer):
     with pytest.raises(ValueError, match=f"'{reducer.stage}' stage, which VisionTransformer does not have"):
         tokred.apply(model, reducer)
     assert type(model).__name__ == "VisionTransformer"
+
+
+@torch.no_grad()
+def test_applying_again_replaces_the_reducers(models):
+    model = models["llava"]
+    inputs = llava_inputs(model, PROMPTS)
+    unpatched = model(**inputs).logits
+    with tokred.applied(model, tokred.FastV(keep=3, layer=1)):
+        expected = model(**inputs).logits
+    with tokred.applied(model, tokred.DivPrune(keep=0.5)):
+        tokred.apply(model, tokred.FastV(keep=3, layer=1))
+        assert torch.equal(model(**inputs).logits, expected)
+        assert tokred.reducers_of(model) == (tokred.FastV(keep=3, layer=1),)
+        tokred.apply(model, tokred.FastV(keep=1.0))  # removes nothing: the model's own forward
+        assert torch.equal(model(**inputs).logits, unpatched)
+    assert "forward" not in model.__dict__ and "_tokred_adapter" not in model.__dict__
