@@ -224,12 +224,6 @@ class LlavaAdapter(Adapter):
             raise ValueError("tokred needs input_ids (to find the image placeholders) when pixel_values are given")
         if kwargs.get("pixel_values_videos") is not None:
             raise ValueError("tokred does not reduce video inputs of LLaVA-OneVision yet; call tokred.remove(model)")
-        for flag in ("output_attentions", "output_hidden_states"):
-            if kwargs.get(flag):
-                raise ValueError(f"{flag} is not supported while tokred reduces tokens; call tokred.remove(model)")
-        if past_key_values is not None and past_key_values.get_seq_length() > 0:
-            raise ValueError("tokred starts a reduced prefill from an empty cache; got a cache that already holds "
-                             f"{past_key_values.get_seq_length()} tokens")
         return self._prefill(call, encoded if encoded is not None else self._image_features(call), prompt_length)
 
     def _image_features(self, call: dict) -> list[Tensor]:
@@ -306,6 +300,13 @@ class LlavaAdapter(Adapter):
         llm_acts = llm is not None and llm.keep != 1.0
         if not removed and not llm_acts:
             return self._unreduced(call, encoded, record)
+        for flag in ("output_attentions", "output_hidden_states"):
+            if call.get(flag):
+                raise ValueError(f"{flag} is not supported while tokred removes tokens; call tokred.remove(model)")
+        cache = call["past_key_values"]
+        if cache is not None and cache.get_seq_length() > 0:
+            raise ValueError("tokred starts a reduced prefill from an empty cache; got a cache that already holds "
+                             f"{cache.get_seq_length()} tokens")
 
         embeds = embed(input_ids)
         keep = torch.ones(batch, length, dtype=torch.bool, device=input_ids.device)

@@ -326,3 +326,19 @@ def test_applying_again_replaces_the_reducers(models):
         tokred.apply(model, tokred.FastV(keep=1.0))  # removes nothing: the model's own forward
         assert torch.equal(model(**inputs).logits, unpatched)
     assert "forward" not in model.__dict__ and "_tokred_adapter" not in model.__dict__
+
+
+@torch.no_grad()
+def test_refused_options_while_removing_tokens(models):
+    model = models["llava"]
+    inputs = llava_inputs(model, PROMPTS)
+    with tokred.applied(model):  # nothing removed: everything the model offers still works
+        assert len(model(**inputs, output_hidden_states=True).hidden_states) == 5
+    with tokred.applied(model, tokred.DivPrune(keep=0.5)):
+        for flag in ("output_attentions", "output_hidden_states"):
+            with pytest.raises(ValueError, match=flag):
+                model(**inputs, **{flag: True})
+        cache = model(**inputs, use_cache=True).past_key_values
+        del cache._tokred  # a cache tokred did not fill
+        with pytest.raises(ValueError, match="empty cache"):
+            model(**inputs, past_key_values=cache)
