@@ -481,8 +481,9 @@ class LlavaAdapter(Adapter):
 
     def flops(self, trace: Trace) -> FlopsReport:
         """FLOPs of the last prefill by stage (``vision``, ``projector``, ``llm_prefill``) and of one
-        decode step after it (``decode_per_token``: one new token per sample, with the cache the prefill left)."""
-        report = FlopsReport()
+        decode step after it (``report.decode_per_token``: one new token per sample, with the cache the
+        prefill left)."""
+        report = FlopsReport(decode_per_token=linear_flops(self.model.lm_head, trace.batch_size))
         if self.tower_trace is not None:
             self.tower.add_flops(self.tower_trace, report)
             report.add("projector", "projector", linear_flops(self.model.model.multi_modal_projector,
@@ -498,7 +499,6 @@ class LlavaAdapter(Adapter):
             if record.reducer_flops:
                 report.add("llm_prefill", f"layer{record.layer}.reducer", record.reducer_flops)
             decode = costs.per_attention_token + costs.per_token_pair * (record.tokens_out + 1) + costs.per_mlp_token
-            report.add("decode_per_token", f"layer{record.layer}", batch * decode)
+            report.decode_per_token += batch * decode
         report.add("llm_prefill", "lm_head", linear_flops(self.model.lm_head, self.logit_rows))
-        report.add("decode_per_token", "lm_head", linear_flops(self.model.lm_head, batch))
         return report

@@ -346,9 +346,9 @@ class Measured:
 
 
 def prefill_flops(model) -> dict:
-    """FLOPs of the last forward by stage, plus ``prefill`` (everything but the decode step)."""
+    """FLOPs of the last forward by stage, ``prefill`` (their total) and ``decode_per_token``."""
     report = tokred.flops(model)
-    return dict(report.stages, prefill=report.total - report.stages["decode_per_token"])
+    return dict(report.stages, prefill=report.total, decode_per_token=report.decode_per_token)
 
 
 def run_once(model, inputs: dict, spec: Spec, shape: dict, decode_steps: int, details: bool) -> dict:
@@ -382,7 +382,7 @@ def oracle_flops(model, inputs: dict, count: int) -> dict:
     if count == n:
         tokred.remove(model)
         report = tokred.flops(model, **inputs, use_cache=True, logits_to_keep=1)
-        return dict(report.stages, prefill=report.total - report.stages["decode_per_token"])
+        return dict(report.stages, prefill=report.total, decode_per_token=report.decode_per_token)
     reducer = tokred.Random(keep=count / n, stage="projector")
     assert reducer.kept(n) == count, (count, n)
     tokred.apply(model, reducer)

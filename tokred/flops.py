@@ -18,10 +18,15 @@ if TYPE_CHECKING:
 
 @dataclass
 class FlopsReport:
-    """FLOPs of one forward, split by stage (``vision``, ``projector``, ``llm_prefill``, ...)."""
+    """FLOPs of one forward, split by stage (``vision``, ``projector``, ``llm_prefill``, ...).
+
+    ``decode_per_token``: for language models, the FLOPs of generating one more token per sample
+    after this forward (with the cache it left); not part of ``total``.
+    """
 
     stages: dict[str, int] = field(default_factory=dict)
     layers: list[tuple[str, str, int]] = field(default_factory=list)
+    decode_per_token: int | None = None
 
     def add(self, stage: str, part: str, flops: int) -> None:
         self.stages[stage] = self.stages.get(stage, 0) + flops
@@ -33,7 +38,10 @@ class FlopsReport:
 
     def __str__(self) -> str:
         rows = [f"{stage:>12}: {value / 1e9:.3f} GFLOPs" for stage, value in self.stages.items()]
-        return "\n".join(rows + [f"{'total':>12}: {self.total / 1e9:.3f} GFLOPs"])
+        rows.append(f"{'total':>12}: {self.total / 1e9:.3f} GFLOPs")
+        if self.decode_per_token is not None:
+            rows.append(f"then {self.decode_per_token / 1e9:.3f} GFLOPs per generated token (decode)")
+        return "\n".join(rows)
 
 
 def linear_flops(module: nn.Module, rows: int) -> int:
