@@ -226,7 +226,8 @@ class LlavaAdapter(Adapter):
             raise ValueError("tokred does not reduce video inputs of LLaVA-OneVision yet; call tokred.remove(model)")
         return self._prefill(call, encoded if encoded is not None else self._image_features(call), prompt_length)
 
-    def _image_features(self, call: dict) -> list[Tensor]:
+    def _image_features(self, call: dict):
+        """``get_image_features`` of the model on the call's images (its ``pooler_output``: per image features)."""
         base = self.model.model
         accepted = inspect.signature(base.get_image_features).parameters
         image_kwargs = {k: call[k] for k in _IMAGE_KWARGS if k in accepted and call.get(k) is not None}
@@ -265,6 +266,7 @@ class LlavaAdapter(Adapter):
             slots = torch.arange(length, device=stacked.device).expand(len(images), -1)
             if reducer is not None:
                 grid = self.image_grid() if all(length == counts[i] for i in images) else None
+                record.reducer_flops += reducer.overhead_flops(stacked)
                 plan = reducer.plan_images(stacked, grid)
                 if plan.merges:
                     size = stacked.new_ones(*stacked.shape[:2], 1)
@@ -272,7 +274,6 @@ class LlavaAdapter(Adapter):
                 else:
                     stacked = plan.select(stacked)
                 slots = plan.keep
-                record.reducer_flops += reducer.overhead_flops(torch.stack([features[i] for i in images]))
             for j, i in enumerate(images):
                 order = slots[j].argsort()  # features go to their slots in sequence order
                 out[i] = (slots[j][order], stacked[j][order])

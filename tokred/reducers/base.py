@@ -102,8 +102,9 @@ class Reducer:
         ``signal`` holds the tokens entering the block (its ``keys`` are not computed yet)."""
         raise NotImplementedError
 
-    def overhead_flops(self, signal: Signal) -> int:
-        """FLOPs of the reducer's own matmuls when it plans on ``signal``."""
+    def overhead_flops(self, signal: Signal | Tensor | SequenceSignal) -> int:
+        """FLOPs of the reducer's own matmuls when it plans on ``signal``: the vision ``Signal``,
+        the projector's features (G, N, C) or the llm ``SequenceSignal``."""
         return 0
 
     def plan(self, layer: int, num_layers: int, signal: Signal) -> Plan:
