@@ -72,11 +72,6 @@ def _additive_mask(key_valid: Tensor, queries: int, dtype: torch.dtype) -> Tenso
     return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
 
 
-def _rotate_half(x: Tensor) -> Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 @dataclass
 class Segment:
     """Decoder layers ``first..`` (up to the next segment) and what their cache holds."""
@@ -409,8 +404,9 @@ class LlavaAdapter(Adapter):
         q = attn.q_proj(x).view(batch, 1, -1, attn.head_dim).transpose(1, 2)  # (B, H, 1, D)
         if hasattr(attn, "q_norm"):
             q = attn.q_norm(q)
-        cos, sin = (t[rows, last][:, None, None] for t in segment.position_embeddings)
-        q = q * cos + _rotate_half(q) * sin
+        cos, sin = (t[rows, last][:, None] for t in segment.position_embeddings)  # (B, 1, D)
+        apply_rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb  # the attention's own rotary
+        q = apply_rotary(q, q, cos, sin)[0]
         keys = cache.layers[layer].keys
         keys = keys.repeat_interleave(q.shape[1] // keys.shape[1], dim=1)
         logits = (q @ keys.transpose(-1, -2))[:, :, 0] * attn.scaling  # (B, H, L)
