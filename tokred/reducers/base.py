@@ -46,6 +46,17 @@ def kept_count(keep: int | float, available: int) -> int:
     return max(1, round(keep * available))
 
 
+def check_finite(reducer: str, what: str, values: Tensor) -> None:
+    """A ``ValueError`` if ``values`` holds NaN or infinity: a reducer that ranks or selects on such a
+    signal would silently pick the wrong tokens (NaN sorts after every number)."""
+    import torch
+
+    if values.is_floating_point() and not bool(torch.isfinite(values).all()):
+        bad = int((~torch.isfinite(values)).sum())
+        raise ValueError(f"{reducer}: {bad} non-finite value(s) (NaN or inf) in {what}; the model produced them "
+                         "before the reducer ran (check the inputs and the dtype: float16 can overflow)")
+
+
 def check_positions(value) -> None:
     if value not in POSITIONS:
         raise ValueError(f"positions must be one of {POSITIONS} (keep the original position ids with gaps, or "
