@@ -42,7 +42,7 @@ from tokred.adapters.hf_vision import VisionTower, ProjectionRowsMixin
 from tokred.flops import FlopsReport, LayerCosts, attention_flops, linear_flops
 from tokred.plan import Plan
 from tokred.reducers.baselines import Pool
-from tokred.reducers.base import Reducer, kept_count
+from tokred.reducers.base import Reducer, keeps_everything, kept_count
 from tokred.sequence import SequenceSignal, compaction, last_prompt_token
 from tokred.trace import LayerRecord, Trace
 
@@ -108,6 +108,59 @@ class Sequence:
                         plan.select(self.prompt), plan.select(self.origin)), next_position
 
 
+class PatchedForward:
+    """The patched model's ``forward``: calls its adapter, and shows the class forward's signature
+    (``generate`` inspects it). An object rather than a closure so that ``copy.deepcopy`` of the
+    model gives a copy whose forward calls the copy's adapter."""
+
+    def __init__(self, adapter: LlavaAdapter):
+        self.adapter = adapter
+        functools.update_wrapper(self, adapter.original_forward)
+
+    def __call__(self, *args, **kwargs):
+        return self.adapter.forward(*args, **kwargs)
+
+
+def transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
+def _cache_keyword(function, what: str) -> str:
+    """The keyword under which ``function`` takes the KV cache: ``cache`` (transformers >= 5.24)
+    or ``past_key_values`` (before); a ``TypeError`` naming the version for anything else."""
+    parameters = inspect.signature(function).parameters
+    for name in ("cache", "past_key_values"):
+        if name in parameters:
+            return name
+    raise CompatibilityError(f"{what} takes no `cache` / `past_key_values` argument, so tokred cannot keep "
+                             "its KV cache consistent")
+
+
+def _supported() -> str:
+    """The transformers range tokred declares (its package metadata), for error messages."""
+    from importlib.metadata import PackageNotFoundError, requires
+
+    try:
+        floors = {r.split(";")[0].strip() for r in requires("tokred") or [] if r.startswith("transformers")}
+    except PackageNotFoundError:
+        floors = set()
+    return ", ".join(sorted(floors)) or "see tokred's README, 'Supported versions'"
+
+
+class CompatibilityError(TypeError):
+    """The installed transformers calls or builds the model in a way tokred was not written against."""
+
+    def __init__(self, problem: str):
+        super().__init__(f"{problem} (installed: transformers {transformers_version()}; tokred supports "
+                         f"{_supported()}). tokred stops here rather than run on and give silently wrong "
+                         "outputs: install a supported transformers release, or a tokred release that "
+                         "supports yours; tokred.remove(model) runs the model unreduced")
+#: keyword arguments of the decoder layers that the loop passes
+_LAYER_KEYWORDS = ("attention_mask", "position_ids", "use_cache", "position_embeddings")
+
+
 class LlavaAdapter(Adapter):
     family = ("Hugging Face LLaVA family (transformers LlavaForConditionalGeneration, "
               "LlavaNextForConditionalGeneration, LlavaOnevisionForConditionalGeneration)")
@@ -137,6 +190,10 @@ class LlavaAdapter(Adapter):
         if any(kind != "full_attention" for kind in getattr(text_config, "layer_types", None) or []):
             raise TypeError(f"{name}'s language model has sliding-window layers, which tokred does not support")
         self.language_model, self.layers = language_model, list(language_model.layers)
+        self.original_forward = type(model).forward.__get__(model)  # the class's, even while patched
+        self.cache_keyword = _cache_keyword(type(model).forward, f"{name}.forward")
+        self.layer_cache_keyword = self._check_layers(name)
+        self.known_keywords = self._known_keywords()
         llm = reducers.get("llm")
         if llm is not None:
             llm.check(len(self.layers))
@@ -153,7 +210,6 @@ class LlavaAdapter(Adapter):
             rows, cols = self.image_grid()
             kept_count(projector.keep, rows * cols)  # a count larger than an image's tokens
         self.projector = base.multi_modal_projector
-        self.original_forward = type(model).forward.__get__(model)  # the class's, even while patched
         self.tower_trace: Trace | None = None
         self.projected_rows = 0  # visual features the projector ran on in the last prefill
         self.logit_rows = 0  # rows the LM head ran on in the last prefill
@@ -163,13 +219,7 @@ class LlavaAdapter(Adapter):
         self.tower.patch()
         swap_class(self.projector, ProjectionRowsMixin)
         self.projector._tokred_owner = self
-        original = self.original_forward
-
-        @functools.wraps(original)
-        def forward(*args, **kwargs):
-            return self.forward(*args, **kwargs)
-
-        self.model.forward = forward
+        self.model.forward = PatchedForward(self)
         self.model._tokred_adapter = self
 
     def unpatch(self) -> None:
@@ -178,6 +228,30 @@ class LlavaAdapter(Adapter):
         del self.projector._tokred_owner
         del self.model.forward
         del self.model._tokred_adapter
+
+    def _check_layers(self, name: str) -> str:
+        """The decoder layers' cache keyword, after checking that every layer takes the keywords the
+        loop passes (a ``CompatibilityError`` otherwise)."""
+        keywords = {_cache_keyword(type(layer).forward, f"{name}'s decoder layer {type(layer).__name__}")
+                    for layer in self.layers}
+        for layer in self.layers:
+            parameters = inspect.signature(type(layer).forward).parameters
+            missing = [k for k in _LAYER_KEYWORDS if k not in parameters]
+            if missing or list(parameters)[1] != "hidden_states" or len(keywords) != 1:
+                raise CompatibilityError(f"{name}'s decoder layer {type(layer).__name__} has the signature "
+                                         f"{inspect.signature(type(layer).forward)}, not the one tokred's decoder "
+                                         f"loop calls (hidden_states, {', '.join(_LAYER_KEYWORDS)}, cache)")
+        return keywords.pop()
+
+    def _known_keywords(self) -> frozenset[str]:
+        """Keywords the patched forward accounts for: the class forward's named parameters, the
+        transformers keyword arguments it accepts, both names of the cache and tokred's own."""
+        from transformers.utils.generic import TransformersKwargs
+
+        parameters = inspect.signature(type(self.model).forward).parameters
+        named = {k for k, p in parameters.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)} - {"self"}
+        return frozenset(named | set(TransformersKwargs.__annotations__) | {
+            "cache", "past_key_values", "use_cache", "return_dict", "prompt_length"})
 
     def _tower_done(self, trace: Trace) -> None:
         self.tower_trace = trace
@@ -202,24 +276,52 @@ class LlavaAdapter(Adapter):
     # forward --------------------------------------------------------------------------------------
     def forward(self, input_ids: Tensor | None = None, pixel_values: Tensor | None = None,
                 attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
-                past_key_values=None, inputs_embeds: Tensor | None = None, labels: Tensor | None = None,
+                inputs_embeds: Tensor | None = None, labels: Tensor | None = None,
                 use_cache: bool | None = None, logits_to_keep: int | Tensor = 0, prompt_length: int | None = None,
                 **kwargs):
-        state = getattr(past_key_values, "_tokred", None)
-        if state is not None:
-            return self._decode(state, input_ids, inputs_embeds, attention_mask, past_key_values, logits_to_keep,
-                                kwargs)
-        call = dict(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
-                    position_ids=position_ids, past_key_values=past_key_values, inputs_embeds=inputs_embeds,
-                    labels=labels, use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
+        unknown = sorted(set(kwargs) - self.known_keywords)
+        if unknown:
+            raise CompatibilityError(f"{type(self.model).__name__}.forward got keyword(s) {unknown} that tokred's "
+                                     "LLaVA adapter does not know")
+        cache = kwargs.pop("cache", None)  # transformers >= 5.24; the old name wins only when alone
+        old_name = kwargs.pop("past_key_values", None)
+        cache = cache if cache is not None else old_name
         encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")  # generate() encodes images first
+        state = getattr(cache, "_tokred", None)
+        if state is not None:
+            if pixel_values is not None or encoded is not None:
+                raise ValueError("this cache holds a reduced prefill; tokred cannot add new images to it. Start a "
+                                 "new prefill with an empty cache (or none) for a prompt with new images")
+            return self._decode(state, input_ids, inputs_embeds, attention_mask, cache, logits_to_keep)
+        call = dict(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
+                    position_ids=position_ids, inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
+                    logits_to_keep=logits_to_keep, **kwargs, **{self.cache_keyword: cache})
         if pixel_values is None and encoded is None:  # text only, or a decode step of an unreduced prefill
+            self._check_plain_cache(cache, input_ids if input_ids is not None else inputs_embeds, attention_mask)
             return self.original_forward(**call)
         if input_ids is None:
             raise ValueError("tokred needs input_ids (to find the image placeholders) when pixel_values are given")
         if kwargs.get("pixel_values_videos") is not None:
             raise ValueError("tokred does not reduce video inputs of LLaVA-OneVision yet; call tokred.remove(model)")
-        return self._prefill(call, encoded if encoded is not None else self._image_features(call), prompt_length)
+        return self._prefill(call, cache, encoded if encoded is not None else self._image_features(call),
+                             prompt_length)
+
+    def _check_plain_cache(self, cache, new_tokens: Tensor | None, attention_mask: Tensor | None) -> None:
+        """A call that continues a cache without tokred's bookkeeping must continue an unreduced
+        prefill: every layer holds the same number of tokens, and the attention mask covers exactly
+        the cached and the new tokens. Anything else is a reduced prefill's cache that lost its
+        bookkeeping (a ``CompatibilityError``: decoding it as unreduced would be silently wrong)."""
+        if cache is None or cache.get_seq_length() == 0:
+            return
+        lengths = {layer.keys.shape[-2] for layer in cache.layers if getattr(layer, "keys", None) is not None}
+        queries = new_tokens.shape[1] if new_tokens is not None else 0
+        mask_covers = attention_mask is None or attention_mask.shape[1] == cache.get_seq_length() + queries
+        if len(lengths) > 1 or not mask_covers:
+            raise CompatibilityError(
+                f"a decode step continues a cache of {sorted(lengths)} tokens per layer with an attention mask "
+                f"of {attention_mask.shape[1] if attention_mask is not None else None} tokens for {queries} new "
+                "one(s): the cache comes from a reduced prefill but does not carry tokred's bookkeeping "
+                "(it was copied or rebuilt, or the cache reached the forward under a name tokred does not know)")
 
     def _image_features(self, call: dict):
         """``get_image_features`` of the model on the call's images (its ``pooler_output``: per image features)."""
@@ -274,7 +376,29 @@ class LlavaAdapter(Adapter):
                 out[i] = (slots[j][order], stacked[j][order])
         return out
 
-    def _prefill(self, call: dict, encoded, prompt_length: int | None):
+    def _surviving_tower_tokens(self, features: list[Tensor]) -> tuple[list[Tensor], list[int]]:
+        """With a vision-stage reducer: each image's features cut to the tokens that survived in the
+        tower (a batch is padded to its widest image; padding rows are no visual tokens), and the
+        placeholders each image has (its unreduced token count)."""
+        trace, tower_layers = self.tower_trace, len(self.tower.layers)
+        class_token = int(self.config.vision_feature_select_strategy == "default")
+        full = trace.layers[0].tokens_in - class_token
+        if len(features) != trace.batch_size:
+            raise ValueError(f"the language model received the features of {len(features)} images but the vision "
+                             f"tower ran on {trace.batch_size}; with a vision-stage reducer generate() cannot "
+                             "expand images for beam search or num_return_sequences > 1 (it counts placeholders "
+                             "against the reduced features): use num_beams=1, or reduce at the projector stage")
+        feature_layer = self.config.vision_feature_layer % (tower_layers + 1)  # hidden_states index
+        if feature_layer == 0:
+            return features, [full] * len(features)
+        source_map = trace.source_maps[feature_layer - 1]  # (B, patches + class) -> token, -1 pruned
+        alive = torch.zeros(source_map.shape[0], features[0].shape[0] + class_token, dtype=torch.bool,
+                            device=source_map.device)
+        alive.scatter_(1, source_map.clamp(min=0), source_map >= 0)
+        alive = alive[:, class_token:]
+        return [f[a] for f, a in zip(features, alive)], [full] * len(features)
+
+    def _prefill(self, call: dict, cache, encoded, prompt_length: int | None):
         """A forward on a prompt with images: image features (``encoded``, the output of
         ``get_image_features``), the projector stage, then the language model."""
         input_ids, attention_mask = call["input_ids"], call["attention_mask"]
@@ -283,9 +407,7 @@ class LlavaAdapter(Adapter):
         features = list(encoded.pooler_output)
         counts = [f.shape[0] for f in features]
         if self.reducers.get("vision") is not None and self.tower_trace is not None:
-            class_token = int(self.config.vision_feature_select_strategy == "default")
-            full = self.tower_trace.layers[0].tokens_in - class_token
-            counts = [full] * len(features)
+            features, counts = self._surviving_tower_tokens(features)
         runs = self._placeholders(input_ids, counts)
         record = LayerRecord("projector", 0, tokens_in=sum(counts), tokens_attention=sum(counts),
                              tokens_out=sum(counts))
@@ -293,13 +415,12 @@ class LlavaAdapter(Adapter):
         record.tokens_out = sum(int(k[0].numel()) for k in kept)
         removed = record.tokens_out < record.tokens_in
         llm = self.reducers.get("llm")
-        llm_acts = llm is not None and llm.keep != 1.0
+        llm_acts = llm is not None and not keeps_everything(llm.keep)
         if not removed and not llm_acts:
             return self._unreduced(call, encoded, record)
         for flag in ("output_attentions", "output_hidden_states"):
             if call.get(flag):
                 raise ValueError(f"{flag} is not supported while tokred removes tokens; call tokred.remove(model)")
-        cache = call["past_key_values"]
         if cache is not None and cache.get_seq_length() > 0:
             raise ValueError("tokred starts a reduced prefill from an empty cache; got a cache that already holds "
                              f"{cache.get_seq_length()} tokens")
@@ -324,7 +445,7 @@ class LlavaAdapter(Adapter):
         convention = projector.positions if projector is not None else "renumber"
         if removed:
             seq, next_position = seq.compact(keep, convention, next_position)
-        return self._run_language_model(seq, next_position, call, record)
+        return self._run_language_model(seq, next_position, call, cache, record)
 
     def _unreduced(self, call: dict, encoded, record: LayerRecord):
         """Nothing removed: the model's own forward on the image features already computed."""
@@ -342,12 +463,13 @@ class LlavaAdapter(Adapter):
 
     def _layer(self, i: int, hidden: Tensor, segment: Segment, cache) -> Tensor:
         return self.layers[i](hidden, attention_mask=segment.mask, position_ids=segment.positions,
-                              past_key_values=cache, use_cache=True, position_embeddings=segment.position_embeddings)
+                              use_cache=True, position_embeddings=segment.position_embeddings,
+                              **{self.layer_cache_keyword: cache})
 
-    def _run_language_model(self, seq: Sequence, next_position: Tensor, call: dict, projector_record: LayerRecord):
+    def _run_language_model(self, seq: Sequence, next_position: Tensor, call: dict, cache,
+                            projector_record: LayerRecord):
         from transformers import DynamicCache
 
-        cache = call["past_key_values"]
         if cache is None:
             cache = DynamicCache(config=self.language_model.config)
         llm = self.reducers.get("llm")
@@ -417,8 +539,7 @@ class LlavaAdapter(Adapter):
         flops = linear_flops(attn.q_proj, batch) + 2 * batch * q.shape[1] * keys.shape[2] * attn.head_dim
         return row, flops
 
-    def _decode(self, segments: list[Segment], input_ids, inputs_embeds, attention_mask, cache, logits_to_keep,
-                kwargs):
+    def _decode(self, segments: list[Segment], input_ids, inputs_embeds, attention_mask, cache, logits_to_keep):
         hidden = self.language_model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         batch, queries = hidden.shape[:2]
         new_valid = (attention_mask[:, -queries:].bool() if attention_mask is not None
@@ -446,7 +567,8 @@ class LlavaAdapter(Adapter):
         module = sys.modules[type(self.model).__module__]
         output_class = getattr(module, type(self.model).__name__.replace("ForConditionalGeneration",
                                                                           "CausalLMOutputWithPast"))
-        return output_class(loss=loss, logits=logits, past_key_values=cache)
+        cache_field = "cache" if "cache" in {f.name for f in dataclasses.fields(output_class)} else "past_key_values"
+        return output_class(loss=loss, logits=logits, **{cache_field: cache})
 
     # trace and FLOPs --------------------------------------------------------------------------------
     def _finish_trace(self, batch: int, lengths: list[tuple[int, int]], projector_record: LayerRecord,

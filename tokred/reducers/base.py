@@ -57,6 +57,11 @@ def check_finite(reducer: str, what: str, values: Tensor) -> None:
                          "before the reducer ran (check the inputs and the dtype: float16 can overflow)")
 
 
+def keeps_everything(keep: int | float) -> bool:
+    """``keep`` is the fraction 1.0 (every token); the int 1 is a count of one token."""
+    return isinstance(keep, float) and keep == 1.0
+
+
 def check_positions(value) -> None:
     if value not in POSITIONS:
         raise ValueError(f"positions must be one of {POSITIONS} (keep the original position ids with gaps, or "
