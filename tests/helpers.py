@@ -111,7 +111,12 @@ def tiny_llava(kind: str = "llava", attn: str = "sdpa"):
     config._attn_implementation = attn
     config.text_config._attn_implementation = attn
     config.vision_config._attn_implementation = attn
-    return model_class(config).eval()
+    model = model_class(config).eval()
+    with torch.no_grad():  # non-trivial norm weights, so that a missing norm (e.g. DART's final norm) would show
+        for module in model.modules():
+            if "Norm" in type(module).__name__ and getattr(module, "weight", None) is not None:
+                torch.nn.init.uniform_(module.weight, 0.5, 1.5)
+    return model
 
 
 def llava_inputs(model, prompts: list[tuple[list[int], list[int]]], seed: int = 0, image_sizes=None):

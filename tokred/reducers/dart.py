@@ -10,9 +10,9 @@ Before decoder layer K (default 2) of the language model, per sample:
 2. Image pivots are kept; they count towards the k kept visual tokens. The remaining budget,
    k - (image pivots), is split evenly over all pivots (image and text): each gets
    ``budget // P`` picks, and the first ``budget % P`` pivots one more, so exactly k visual
-   tokens stay. (The reference gives every pivot ``floor(budget / P)`` picks and keeps the
-   image pivots on top of the budget, so it keeps k + (image pivots) - (budget % P) tokens;
-   tokred keeps exactly k.)
+   tokens stay. (The reference gives every pivot ``floor(k / P)`` picks and keeps the image
+   pivots on top of them, so it keeps k + (image pivots) - (k mod P) tokens, e.g. 132 for
+   k = 128 with 4 + 4 pivots; tokred keeps exactly k.)
 3. Pivot by pivot, each picks its quota of the visual tokens least cosine-similar to it, on
    the hidden states entering layer K, from a pool of the visual tokens that are not image
    pivots; picks leave the pool, so no token is picked twice.
@@ -44,8 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tokred.reducers.base import (Reducer, check_decoder_layer, check_decoder_layer_fits, check_keep, check_positions,
-                                  kept_count)
+from tokred.reducers.base import (Reducer, check_decoder_layer, check_decoder_layer_fits, check_finite, check_keep,
+                                  check_positions, kept_count)
 from tokred.sequence import keep_visual
 
 if TYPE_CHECKING:
@@ -109,6 +109,8 @@ def select(hidden: Tensor, key_norm: Tensor, visual: Tensor, text: Tensor, k: in
         raise ValueError("visual and text must be bool masks")
     if bool((visual & text).any()):
         raise ValueError("a token cannot be both visual and a text pivot candidate")
+    check_finite("DART", "the hidden states", hidden[visual | text])
+    check_finite("DART", "the key norms", key_norm[visual | text])
     visual_positions = visual.nonzero().squeeze(1)
     text_positions = text.nonzero().squeeze(1)
     num_image_pivots, num_text_pivots, quotas = budget(len(visual_positions), len(text_positions), k,

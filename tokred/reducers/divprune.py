@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tokred.plan import Plan
-from tokred.reducers.base import Reducer, check_keep, check_positions, kept_count
+from tokred.reducers.base import Reducer, check_finite, check_keep, check_positions, kept_count
 
 
 def select(features: Tensor, k: int) -> Tensor:
@@ -31,6 +31,7 @@ def select(features: Tensor, k: int) -> Tensor:
     batch, num_tokens, _ = features.shape
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_tokens:
         raise ValueError(f"k must be an int in [1, {num_tokens}] (the number of tokens), got {k!r}")
+    check_finite("DivPrune", "the visual features", features)
     unit = F.normalize(features.float(), dim=-1)
     distance = 1 - unit @ unit.transpose(-1, -2)
     eye = torch.eye(num_tokens, dtype=torch.bool, device=features.device)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import Tensor
 
-from tokred.reducers.base import Reducer, check_decoder_layer, check_decoder_layer_fits, check_keep, check_positions
+from tokred.reducers.base import Reducer, check_finite, check_decoder_layer, check_decoder_layer_fits, check_keep, check_positions
 from tokred.sequence import keep_visual
 
 if TYPE_CHECKING:
@@ -33,6 +33,7 @@ def select(attention: Tensor, visual: Tensor, k: int) -> Tensor:
     if attention.dim() != 1 or visual.shape != attention.shape or visual.dtype != torch.bool:
         raise ValueError(f"expected attention (L,) and a bool visual mask (L,), got {tuple(attention.shape)} and "
                          f"{tuple(visual.shape)} {visual.dtype}")
+    check_finite("FastV", "the attention row", attention[visual])
     positions = visual.nonzero().squeeze(1)
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= len(positions):
         raise ValueError(f"k must be an int in [1, {len(positions)}] (the number of visual tokens), got {k!r}")
