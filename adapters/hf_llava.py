@@ -32,18 +32,17 @@ import dataclasses
 import functools
 import inspect
 import sys
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from tokred.adapters.base import Adapter, restore_class, swap_class
-from tokred.adapters.hf_vision import VisionTower, ProjectionRowsMixin
+from tokred.adapters.hf_vision import ProjectionRowsMixin, VisionTower
+from tokred.decoder import CompatibilityError, LanguageModelEngine, Rotary1D, Sequence, cache_keyword
 from tokred.flops import FlopsReport, LayerCosts, attention_flops, linear_flops
-from tokred.plan import Plan
-from tokred.reducers.baselines import Pool
+from tokred.plan import sequence_plan
 from tokred.reducers.base import Reducer, keeps_everything, kept_count
-from tokred.sequence import SequenceSignal, compaction, last_prompt_token
+from tokred.reducers.baselines import Pool
 from tokred.trace import LayerRecord, Trace
 
 #: the image inputs ``get_image_features`` of the three families accept
@@ -62,52 +61,6 @@ def _families() -> dict[str, type]:
             "llava_onevision": LlavaOnevisionForConditionalGeneration}
 
 
-def _additive_mask(key_valid: Tensor, queries: int, dtype: torch.dtype) -> Tensor:
-    """(B, 1, queries, K) additive mask: the last ``queries`` keys are the queries, causal, and
-    keys where ``key_valid`` (B, K) is False are masked."""
-    keys = key_valid.shape[1]
-    query_pos = torch.arange(keys - queries, keys, device=key_valid.device)[:, None]
-    allowed = (torch.arange(keys, device=key_valid.device)[None, :] <= query_pos)[None] & key_valid[:, None, :]
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=key_valid.device)
-    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
-
-
-@dataclass
-class Segment:
-    """Decoder layers ``first..`` (up to the next segment) and what their cache holds."""
-
-    first: int
-    valid: Tensor  # (B, cached tokens) real tokens in these layers' cache
-    next_position: Tensor  # (B,) position id of the next token
-    mask: Tensor | None = None
-    position_embeddings: tuple[Tensor, Tensor] | None = None
-    positions: Tensor | None = None
-
-
-@dataclass
-class Sequence:
-    """The batch of sequences between prunings, aligned token by token."""
-
-    hidden: Tensor  # (B, L, C)
-    positions: Tensor  # (B, L) position ids
-    valid: Tensor  # (B, L) real tokens
-    visual: Tensor  # (B, L) visual tokens
-    prompt: Tensor  # (B, L) tokens decisions may use
-    origin: Tensor  # (B, L) 1 + index in the input sequence, 0 for padding
-
-    def compact(self, keep: Tensor, positions: str, next_position: Tensor) -> tuple[Sequence, Tensor]:
-        """The kept tokens, left-padded again, and the next position id per sample."""
-        plan: Plan = compaction(keep & self.valid)
-        valid = plan.select(self.valid)
-        if positions == "renumber":
-            new_positions = (valid.long().cumsum(dim=1) - 1).clamp(min=0)
-            next_position = valid.sum(dim=1)
-        else:
-            new_positions = plan.select(self.positions)
-        return Sequence(plan.select(self.hidden), new_positions, valid, plan.select(self.visual),
-                        plan.select(self.prompt), plan.select(self.origin)), next_position
-
-
 class PatchedForward:
     """The patched model's ``forward``: calls its adapter, and shows the class forward's signature
     (``generate`` inspects it). An object rather than a closure so that ``copy.deepcopy`` of the
@@ -119,46 +72,6 @@ class PatchedForward:
 
     def __call__(self, *args, **kwargs):
         return self.adapter.forward(*args, **kwargs)
-
-
-def transformers_version() -> str:
-    import transformers
-
-    return transformers.__version__
-
-
-def _cache_keyword(function, what: str) -> str:
-    """The keyword under which ``function`` takes the KV cache: ``cache`` (transformers >= 5.24)
-    or ``past_key_values`` (before); a ``TypeError`` naming the version for anything else."""
-    parameters = inspect.signature(function).parameters
-    for name in ("cache", "past_key_values"):
-        if name in parameters:
-            return name
-    raise CompatibilityError(f"{what} takes no `cache` / `past_key_values` argument, so tokred cannot keep "
-                             "its KV cache consistent")
-
-
-def _supported() -> str:
-    """The transformers range tokred declares (its package metadata), for error messages."""
-    from importlib.metadata import PackageNotFoundError, requires
-
-    try:
-        floors = {r.split(";")[0].strip() for r in requires("tokred") or [] if r.startswith("transformers")}
-    except PackageNotFoundError:
-        floors = set()
-    return ", ".join(sorted(floors)) or "see tokred's README, 'Supported versions'"
-
-
-class CompatibilityError(TypeError):
-    """The installed transformers calls or builds the model in a way tokred was not written against."""
-
-    def __init__(self, problem: str):
-        super().__init__(f"{problem} (installed: transformers {transformers_version()}; tokred supports "
-                         f"{_supported()}). tokred stops here rather than run on and give silently wrong "
-                         "outputs: install a supported transformers release, or a tokred release that "
-                         "supports yours; tokred.remove(model) runs the model unreduced")
-#: keyword arguments of the decoder layers that the loop passes
-_LAYER_KEYWORDS = ("attention_mask", "position_ids", "use_cache", "position_embeddings")
 
 
 class LlavaAdapter(Adapter):
@@ -181,22 +94,11 @@ class LlavaAdapter(Adapter):
         if reducers.get("vision") is not None and self.kind != "llava":
             raise ValueError(f"{name} packs the vision tower's patches on the AnyRes crop grid (with newline tokens), "
                              "which needs every patch: put the reducer at the 'projector' or 'llm' stage instead")
-        language_model = base.language_model
-        for part in ("embed_tokens", "layers", "norm", "rotary_emb"):
-            if not hasattr(language_model, part):
-                raise TypeError(f"{name}'s language model ({type(language_model).__name__}) has no `{part}`; tokred "
-                                "supports Llama / Qwen2 / Mistral-style decoders")
-        text_config = language_model.config
-        if any(kind != "full_attention" for kind in getattr(text_config, "layer_types", None) or []):
-            raise TypeError(f"{name}'s language model has sliding-window layers, which tokred does not support")
-        self.language_model, self.layers = language_model, list(language_model.layers)
+        self.engine = LanguageModelEngine(base.language_model, reducers.get("llm"), Rotary1D, name)
+        self.language_model, self.layers = self.engine.language_model, self.engine.layers
         self.original_forward = type(model).forward.__get__(model)  # the class's, even while patched
-        self.cache_keyword = _cache_keyword(type(model).forward, f"{name}.forward")
-        self.layer_cache_keyword = self._check_layers(name)
+        self.cache_keyword = cache_keyword(type(model).forward, f"{name}.forward")
         self.known_keywords = self._known_keywords()
-        llm = reducers.get("llm")
-        if llm is not None:
-            llm.check(len(self.layers))
         current = model.__dict__.get("_tokred_adapter")
         self.tower = VisionTower(base.vision_tower, reducers.get("vision"), on_end=self._tower_done,
                                  replaces=current.tower if isinstance(current, LlavaAdapter) else None)
@@ -228,20 +130,6 @@ class LlavaAdapter(Adapter):
         del self.projector._tokred_owner
         del self.model.forward
         del self.model._tokred_adapter
-
-    def _check_layers(self, name: str) -> str:
-        """The decoder layers' cache keyword, after checking that every layer takes the keywords the
-        loop passes (a ``CompatibilityError`` otherwise)."""
-        keywords = {_cache_keyword(type(layer).forward, f"{name}'s decoder layer {type(layer).__name__}")
-                    for layer in self.layers}
-        for layer in self.layers:
-            parameters = inspect.signature(type(layer).forward).parameters
-            missing = [k for k in _LAYER_KEYWORDS if k not in parameters]
-            if missing or list(parameters)[1] != "hidden_states" or len(keywords) != 1:
-                raise CompatibilityError(f"{name}'s decoder layer {type(layer).__name__} has the signature "
-                                         f"{inspect.signature(type(layer).forward)}, not the one tokred's decoder "
-                                         f"loop calls (hidden_states, {', '.join(_LAYER_KEYWORDS)}, cache)")
-        return keywords.pop()
 
     def _known_keywords(self) -> frozenset[str]:
         """Keywords the patched forward accounts for: the class forward's named parameters, the
@@ -434,17 +322,15 @@ class LlavaAdapter(Adapter):
             keep[sample, positions[slots]] = True
             embeds[sample, positions[slots]] = values.to(embeds.dtype)
         valid = attention_mask.bool() if attention_mask is not None else torch.ones_like(keep)
-        positions = call["position_ids"]
-        if positions is None:
-            positions = (valid.long().cumsum(dim=1) - 1).clamp(min=0)
+        positions = Rotary1D.prompt(valid, call["position_ids"])
         index = torch.arange(length, device=keep.device).expand(batch, -1)
         prompt = valid & (index < (length if prompt_length is None else prompt_length))
         seq = Sequence(embeds, positions, valid, visual, prompt, index + 1)
-        next_position = torch.where(valid, positions, -1).amax(dim=1) + 1
+        next_position = Rotary1D.next_position(positions, valid)
         projector = self.reducers.get("projector")
         convention = projector.positions if projector is not None else "renumber"
         if removed:
-            seq, next_position = seq.compact(keep, convention, next_position)
+            seq, next_position = seq.apply(sequence_plan(keep & valid), convention, next_position)
         return self._run_language_model(seq, next_position, call, cache, record)
 
     def _unreduced(self, call: dict, encoded, record: LayerRecord):
@@ -455,107 +341,26 @@ class LlavaAdapter(Adapter):
         self._finish_trace(batch, [(0, length)], record, None)
         return out
 
-    # the decoder loop -------------------------------------------------------------------------------
-    def _segment_inputs(self, segment: Segment, hidden: Tensor, queries: int, positions: Tensor) -> None:
-        segment.mask = _additive_mask(segment.valid, queries, hidden.dtype)
-        segment.positions = positions
-        segment.position_embeddings = self.language_model.rotary_emb(hidden, positions)
-
-    def _layer(self, i: int, hidden: Tensor, segment: Segment, cache) -> Tensor:
-        return self.layers[i](hidden, attention_mask=segment.mask, position_ids=segment.positions,
-                              use_cache=True, position_embeddings=segment.position_embeddings,
-                              **{self.layer_cache_keyword: cache})
-
+    # the language model ---------------------------------------------------------------------------
     def _run_language_model(self, seq: Sequence, next_position: Tensor, call: dict, cache,
                             projector_record: LayerRecord):
-        from transformers import DynamicCache
-
-        if cache is None:
-            cache = DynamicCache(config=self.language_model.config)
-        llm = self.reducers.get("llm")
-        segment = Segment(0, seq.valid, next_position)
-        self._segment_inputs(segment, seq.hidden, seq.hidden.shape[1], seq.positions)
-        segments, lengths = [segment], [(0, seq.hidden.shape[1])]
-        hidden, llm_flops = seq.hidden, 0
-        for i in range(len(self.layers)):
-            if llm is not None and i == llm.layer:
-                signal = SequenceSignal(self.language_model.norm(hidden), seq.visual, seq.valid, seq.prompt)
-                if llm.needs_keys:
-                    signal.keys = cache.layers[i - 1].keys
-                if llm.needs_last_attention:
-                    signal.last_attention, llm_flops = self._last_attention(i - 1, entering, segment, cache, seq)
-                keep = llm.keep_mask(signal)
-                if bool((~keep & ~seq.visual & seq.valid).any()):
-                    raise RuntimeError(f"{type(llm).__name__} removed a text token; only visual tokens may go")
-                llm_flops += llm.overhead_flops(signal)
-                seq, next_position = dataclasses.replace(seq, hidden=hidden).compact(
-                    keep, llm.positions, segment.next_position)
-                hidden = seq.hidden
-                segment = Segment(i, seq.valid, next_position)
-                self._segment_inputs(segment, hidden, hidden.shape[1], seq.positions)
-                segments.append(segment)
-                lengths.append((i, hidden.shape[1]))
-            entering = hidden
-            hidden = self._layer(i, hidden, segment, cache)
-        hidden = self.language_model.norm(hidden)
-        for s in segments:
-            s.mask = s.position_embeddings = s.positions = None
         use_cache = call["use_cache"] if call["use_cache"] is not None else self.config.text_config.use_cache
-        if use_cache:
-            cache._tokred = segments
-        batch = hidden.shape[0]
-        self._finish_trace(batch, lengths, projector_record, (llm.layer, llm_flops) if llm is not None else None,
-                           valid=seq.valid)
+        cache = cache if cache is not None else self.engine.new_cache()
+        run = self.engine.prefill(seq, next_position, cache, keep_cache=use_cache)
+        llm = self.reducers.get("llm")
+        self._finish_trace(seq.hidden.shape[0], run.lengths, projector_record,
+                           (llm.layer, run.reducer_flops) if llm is not None else None, run.tokens_per_sample)
         labels = call["labels"]
         if labels is not None:
-            origin = seq.origin
+            origin = run.sequence.origin
             labels = torch.where(origin > 0, labels.gather(1, (origin - 1).clamp(min=0)), -100)
-        out = self._output(hidden, call["logits_to_keep"], labels, cache if use_cache else None)
+        out = self._output(run.hidden, call["logits_to_keep"], labels, cache if use_cache else None)
         self.logit_rows = out.logits.shape[0] * out.logits.shape[1]
         return out
 
-    def _last_attention(self, layer: int, entering: Tensor, segment: Segment, cache, seq: Sequence):
-        """Attention of each sample's last prompt token over all tokens at decoder layer ``layer``
-        (averaged over heads), from that one query row and the layer's cached keys; and its FLOPs."""
-        decoder = self.layers[layer]
-        attn = decoder.self_attn
-        batch = entering.shape[0]
-        rows = torch.arange(batch, device=entering.device)
-        last = last_prompt_token(seq.prompt)
-        x = decoder.input_layernorm(entering[rows, last][:, None])
-        q = attn.q_proj(x).view(batch, 1, -1, attn.head_dim).transpose(1, 2)  # (B, H, 1, D)
-        if hasattr(attn, "q_norm"):
-            q = attn.q_norm(q)
-        cos, sin = (t[rows, last][:, None] for t in segment.position_embeddings)  # (B, 1, D)
-        apply_rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb  # the attention's own rotary
-        q = apply_rotary(q, q, cos, sin)[0]
-        keys = cache.layers[layer].keys
-        keys = keys.repeat_interleave(q.shape[1] // keys.shape[1], dim=1)
-        logits = (q @ keys.transpose(-1, -2))[:, :, 0] * attn.scaling  # (B, H, L)
-        positions = torch.arange(keys.shape[2], device=keys.device)
-        allowed = seq.valid & (positions[None] <= last[:, None])
-        logits = logits.masked_fill(~allowed[:, None], torch.finfo(logits.dtype).min)
-        row = logits.softmax(dim=-1).mean(dim=1)
-        flops = linear_flops(attn.q_proj, batch) + 2 * batch * q.shape[1] * keys.shape[2] * attn.head_dim
-        return row, flops
-
-    def _decode(self, segments: list[Segment], input_ids, inputs_embeds, attention_mask, cache, logits_to_keep):
+    def _decode(self, segments, input_ids, inputs_embeds, attention_mask, cache, logits_to_keep):
         hidden = self.language_model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        batch, queries = hidden.shape[:2]
-        new_valid = (attention_mask[:, -queries:].bool() if attention_mask is not None
-                     else torch.ones(batch, queries, dtype=torch.bool, device=hidden.device))
-        for segment in segments:
-            segment.valid = torch.cat([segment.valid, new_valid], dim=1)
-            positions = segment.next_position[:, None] + torch.arange(queries, device=hidden.device)
-            segment.next_position = segment.next_position + queries
-            self._segment_inputs(segment, hidden, queries, positions)
-        starts = [s.first for s in segments]
-        for i in range(len(self.layers)):
-            segment = segments[sum(start <= i for start in starts) - 1]
-            hidden = self._layer(i, hidden, segment, cache)
-        for s in segments:
-            s.mask = s.position_embeddings = s.positions = None
-        return self._output(self.language_model.norm(hidden), logits_to_keep, None, cache)
+        return self._output(self.engine.decode(segments, hidden, attention_mask, cache), logits_to_keep, None, cache)
 
     def _output(self, hidden: Tensor, logits_to_keep, labels: Tensor | None, cache):
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
@@ -572,7 +377,7 @@ class LlavaAdapter(Adapter):
 
     # trace and FLOPs --------------------------------------------------------------------------------
     def _finish_trace(self, batch: int, lengths: list[tuple[int, int]], projector_record: LayerRecord,
-                      llm: tuple[int, int] | None, valid: Tensor | None = None) -> None:
+                      llm: tuple[int, int] | None, tokens_per_sample: list[int] | None = None) -> None:
         trace = Trace(batch_size=batch, num_prefix=0, grid=None)
         if self.tower_trace is not None:
             trace.layers += self.tower_trace.layers
@@ -585,8 +390,7 @@ class LlavaAdapter(Adapter):
             record = LayerRecord("llm", i, tokens_in=previous, tokens_attention=length, tokens_out=length)
             if llm is not None and i == llm[0]:
                 record.reducer_flops = llm[1]
-                if valid is not None:
-                    record.tokens_per_image = valid.sum(dim=1).tolist()
+                record.tokens_per_image = tokens_per_sample
             trace.layers.append(record)
         self.trace = trace
 

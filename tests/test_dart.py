@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tokred.reducers.dart import DART, budget, select, select_flops
-from tokred.sequence import SequenceSignal
+from tokred.signals import SequenceSignal
 
 # ---------------------------------------------------------------------------------------------
 # a hand-worked sample: positions 0 (system text), 1-6 (visual), 7-8 (text after the image)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tokred.reducers.fastv import FastV, select
-from tokred.sequence import SequenceSignal
+from tokred.signals import SequenceSignal
 
 
 def brute_force_select(attention, visual, k):

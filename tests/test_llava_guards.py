@@ -9,9 +9,9 @@ from transformers import DynamicCache
 
 import tokred
 from helpers import IMAGE_TOKEN, llava_inputs, tiny_llava
-from tokred.adapters.hf_llava import CompatibilityError
+from tokred.decoder import CompatibilityError
 from tokred.reducers import dart, divprune, fastv
-from tokred.sequence import SequenceSignal
+from tokred.signals import SequenceSignal
 
 KINDS = ["llava", "llava_next", "llava_onevision"]
 PROMPTS = [([1, 2, 3], [4, 5, 6, 7, 8]), ([9], [10, 11])]

@@ -8,7 +8,7 @@ there is exactly one gather / scatter-merge implementation in tokred.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -112,3 +112,33 @@ def follow(source_map: Tensor, plan: Plan) -> Tensor:
     covered = source_map >= 0
     moved = dest.gather(1, source_map.clamp(min=0))
     return torch.where(covered, moved, source_map)
+
+
+def sequence_plan(keep: Tensor, merge_into: Tensor | None = None) -> Plan:
+    """A left-padded plan over sequences (B, L): the tokens where ``keep`` is True stay, in order,
+    each row left-padded to the longest (padding entries point at L: ``Plan.padded``); a token with
+    ``merge_into[b, i] = j >= 0`` (a kept token j) merges into j. The one way ``llm``-stage
+    reducers build their plans."""
+    batch, length = keep.shape
+    counts = keep.sum(dim=1)
+    width = int(counts.max()) if batch else 0
+    # stable sort: kept tokens last, in order; the first width - count entries of a row are padding
+    order = torch.sort(keep.to(torch.int8), dim=1, stable=True).indices[:, length - width:]
+    slot = torch.arange(width, device=keep.device)
+    pad = slot[None, :] < (width - counts)[:, None]
+    plan = Plan(keep=torch.where(pad, length, order), num_inputs=length, padded=bool(pad.any()))
+    if merge_into is None or not bool((merge_into >= 0).any()):
+        return plan
+    merged = merge_into >= 0
+    if bool((keep & merged).any()) or not bool(keep.gather(1, merge_into.clamp(min=0))[merged].all()):
+        raise ValueError("a merged token must be dropped and merge into a kept token")
+    output = plan.destinations()  # (B, L) output slot of every kept token
+    rows, sources = merged.nonzero(as_tuple=True)
+    per_row = torch.bincount(rows, minlength=batch)
+    most = int(per_row.max())
+    src = torch.full((batch, most), length, dtype=torch.long, device=keep.device)
+    dst = torch.full((batch, most), width - 1, dtype=torch.long, device=keep.device)  # padding: a real slot
+    column = torch.arange(len(rows), device=keep.device) - (per_row.cumsum(0) - per_row)[rows]
+    src[rows, column] = sources
+    dst[rows, column] = output[rows, merge_into[rows, sources]]
+    return replace(plan, src=src, dst=dst, padded=plan.padded or bool((src == length).any()))

@@ -9,7 +9,7 @@ if TYPE_CHECKING:
     from torch import Tensor
 
     from tokred.engine import Signal
-    from tokred.sequence import SequenceSignal
+    from tokred.signals import SequenceSignal
 
 STAGES = ("vision", "projector", "llm")
 #: position ids after tokens are removed before the language model or inside it
@@ -103,6 +103,24 @@ class Reducer:
     #: ``llm`` stage: needs the last prompt token's attention row at layer K - 1
     needs_last_attention: ClassVar[bool] = False
 
+    def __str__(self) -> str:
+        """The reducer's text spec: its registered name, then its required parameters and those that
+        differ from their defaults (``dart:keep=0.25``), so ``tokred.parse_spec(str(r)) == (r,)``.
+        A class that is not registered falls back to its ``repr``."""
+        import dataclasses
+
+        from tokred import registry
+
+        name = registry.name_of(type(self))
+        if name is None or not dataclasses.is_dataclass(self):
+            return repr(self)
+        params = []
+        for field in registry.parameters(type(self)):
+            value, default = getattr(self, field.name), registry.default_of(field)
+            if default is dataclasses.MISSING or not registry.same_value(value, default):
+                params.append(f"{field.name}={registry.format_value(value, f'{name}:{field.name}')}")
+        return f"{name}:{'/'.join(params)}" if params else name
+
     @property
     def proportional_attention(self) -> bool:
         """Add log(token size) to the attention logits of later layers (ToMe's proportional
@@ -132,6 +150,13 @@ class Reducer:
         with N tokens each (``grid``: their (rows, cols) patch grid, if they still form one)."""
         raise NotImplementedError
 
+    def plan_sequence(self, signal: SequenceSignal) -> Plan:
+        """``llm`` stage: a left-padded plan over the sequences (:func:`tokred.plan.sequence_plan`);
+        it may keep and merge visual tokens, never text. By default the tokens of :meth:`keep_mask`."""
+        from tokred.plan import sequence_plan
+
+        return sequence_plan(self.keep_mask(signal) & signal.valid)
+
     def keep_mask(self, signal: SequenceSignal) -> Tensor:
-        """``llm`` stage: (B, L) True for the tokens that stay (every non-visual token stays)."""
+        """``llm`` stage, keep-only reducers: (B, L) True for the tokens that stay (every non-visual token stays)."""
         raise NotImplementedError

@@ -49,7 +49,7 @@ from tokred.reducers.base import (Reducer, check_decoder_layer, check_decoder_la
 from tokred.sequence import keep_visual
 
 if TYPE_CHECKING:
-    from tokred.sequence import SequenceSignal
+    from tokred.signals import SequenceSignal
 
 
 def check_pivots(image_pivots, text_pivots) -> None:

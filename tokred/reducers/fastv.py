@@ -19,7 +19,7 @@ from tokred.reducers.base import Reducer, check_finite, check_decoder_layer, che
 from tokred.sequence import keep_visual
 
 if TYPE_CHECKING:
-    from tokred.sequence import SequenceSignal
+    from tokred.signals import SequenceSignal
 
 
 def select(attention: Tensor, visual: Tensor, k: int) -> Tensor:

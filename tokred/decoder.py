@@ -1,0 +1,332 @@
+"""The language-model stage: tokred's own loop over the decoder layers of a vision-language model.
+
+Shared by every VLM family. transformers' decoder loop builds one causal mask and one rotary
+table for all layers and derives positions and the cache length from layer 0 of the cache. After
+an ``llm``-stage plan before layer K, layers from K on need their own mask, rotary embeddings and
+positions, and their cache entries are shorter than those of the layers before K. So the loop
+runs the layers as *segments* (runs of layers between two plans), each with its own additive
+mask, positions and rotary table, never mutating shared tensors in place. The same loop serves
+prefill and every decode step; its bookkeeping (the segments) travels with the cache object.
+
+An adapter gives the engine only what is family-specific: the language model (``embed_tokens``,
+``layers``, ``norm``, ``rotary_emb``: Llama / Qwen2 / Mistral-style decoders), the visual tokens
+in the :class:`Sequence` it builds, and a position scheme (:class:`Rotary1D` here).
+
+**Never silently wrong.** Calling decoder layers leans on transformers internals that move (5.24
+renamed the cache argument from ``past_key_values`` to ``cache``). :class:`LanguageModelEngine`
+checks the layer signature it meets and raises :class:`CompatibilityError`, naming the installed
+transformers, where a call cannot be accounted for.
+"""
+from __future__ import annotations
+
+import inspect
+import sys
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor, nn
+
+from tokred.flops import linear_flops
+from tokred.plan import Plan
+from tokred.reducers.base import Reducer
+from tokred.signals import SequenceSignal
+
+
+def transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
+def _supported() -> str:
+    """The transformers range tokred declares (its package metadata), for error messages."""
+    from importlib.metadata import PackageNotFoundError, requires
+
+    try:
+        floors = {r.split(";")[0].strip() for r in requires("tokred") or [] if r.startswith("transformers")}
+    except PackageNotFoundError:
+        floors = set()
+    return ", ".join(sorted(floors)) or "see tokred's README, 'Supported versions'"
+
+
+class CompatibilityError(TypeError):
+    """The installed transformers calls or builds the model in a way tokred was not written against."""
+
+    def __init__(self, problem: str):
+        super().__init__(f"{problem} (installed: transformers {transformers_version()}; tokred supports "
+                         f"{_supported()}). tokred stops here rather than run on and give silently wrong "
+                         "outputs: install a supported transformers release, or a tokred release that "
+                         "supports yours; tokred.remove(model) runs the model unreduced")
+
+
+def cache_keyword(function, what: str) -> str:
+    """The keyword under which ``function`` takes the KV cache: ``cache`` (transformers >= 5.24)
+    or ``past_key_values`` (before); a :class:`CompatibilityError` for anything else."""
+    parameters = inspect.signature(function).parameters
+    for name in ("cache", "past_key_values"):
+        if name in parameters:
+            return name
+    raise CompatibilityError(f"{what} takes no `cache` / `past_key_values` argument, so tokred cannot keep "
+                             "its KV cache consistent")
+
+
+#: keyword arguments of the decoder layers that the loop passes (besides the cache)
+_LAYER_KEYWORDS = ("attention_mask", "position_ids", "use_cache", "position_embeddings")
+
+
+def additive_mask(key_valid: Tensor, queries: int, dtype: torch.dtype, key_bias: Tensor | None = None) -> Tensor:
+    """(B, 1, queries, K) additive mask: the last ``queries`` keys are the queries, causal, keys
+    where ``key_valid`` (B, K) is False are masked, and ``key_bias`` (B, K) (log token sizes) is
+    added to the allowed keys."""
+    keys = key_valid.shape[1]
+    query_pos = torch.arange(keys - queries, keys, device=key_valid.device)[:, None]
+    allowed = (torch.arange(keys, device=key_valid.device)[None, :] <= query_pos)[None] & key_valid[:, None, :]
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=key_valid.device)
+    if key_bias is not None:
+        mask = mask + key_bias[:, None, :].to(dtype)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+# positions ------------------------------------------------------------------------------------------
+
+class Rotary1D:
+    """1-D rotary positions (LLaVA's Llama / Qwen2 language models): one position id per token."""
+
+    @staticmethod
+    def prompt(valid: Tensor, position_ids: Tensor | None) -> Tensor:
+        """(B, L) positions of a left-padded prompt: the given ones, else 0.. over the real tokens."""
+        return position_ids if position_ids is not None else (valid.long().cumsum(dim=1) - 1).clamp(min=0)
+
+    @staticmethod
+    def next_position(positions: Tensor, valid: Tensor) -> Tensor:
+        """(B,) position of the token after the last real one."""
+        return torch.where(valid, positions, -1).amax(dim=1) + 1
+
+    @staticmethod
+    def renumber(valid: Tensor) -> tuple[Tensor, Tensor]:
+        """Contiguous positions of the real tokens after a plan, and the next position."""
+        return (valid.long().cumsum(dim=1) - 1).clamp(min=0), valid.sum(dim=1)
+
+    @staticmethod
+    def decode(next_position: Tensor, queries: int) -> Tensor:
+        """(B, queries) positions of the new tokens of a decode step."""
+        return next_position[:, None] + torch.arange(queries, device=next_position.device)
+
+
+# the sequence and its segments ----------------------------------------------------------------------
+
+@dataclass
+class Segment:
+    """Decoder layers ``first..`` (up to the next segment) and what their cache holds."""
+
+    first: int
+    valid: Tensor  # (B, cached tokens) real tokens in these layers' cache
+    next_position: Tensor  # (B,) position id of the next token
+    log_size: Tensor | None = None  # (B, cached tokens) attention bias of merged tokens, when proportional
+    mask: Tensor | None = None
+    position_embeddings: tuple[Tensor, Tensor] | None = None
+    positions: Tensor | None = None
+
+
+@dataclass
+class Sequence:
+    """The batch of left-padded sequences between plans, aligned token by token."""
+
+    hidden: Tensor  # (B, L, C)
+    positions: Tensor  # (B, L) position ids
+    valid: Tensor  # (B, L) real tokens
+    visual: Tensor  # (B, L) visual tokens
+    prompt: Tensor  # (B, L) tokens decisions may use
+    origin: Tensor  # (B, L) 1 + index in the input sequence, 0 for padding
+    size: Tensor | None = None  # (B, L, 1) input tokens each token stands for, once tokens merged
+
+    def apply(self, plan: Plan, positions: str, next_position: Tensor, scheme=Rotary1D) -> tuple[Sequence, Tensor]:
+        """The sequence after ``plan`` (a left-padded plan over its tokens, e.g. from
+        :func:`sequence_plan`), and the next position id per sample. Merged tokens take the
+        size-weighted mean of their hidden states and the position of the token they merge into."""
+        if plan.merges or self.size is not None:
+            size = self.size if self.size is not None else self.valid[..., None].to(self.hidden.dtype)
+            hidden, size = plan.weighted_mean(self.hidden, size)
+        else:
+            hidden, size = plan.select(self.hidden), None
+        valid = plan.select(self.valid)
+        if positions == "renumber":
+            new_positions, next_position = scheme.renumber(valid)
+        else:
+            new_positions = plan.select(self.positions)
+        return Sequence(hidden, new_positions, valid, plan.select(self.visual), plan.select(self.prompt),
+                        plan.select(self.origin), size), next_position
+
+
+def last_prompt_token(prompt: Tensor) -> Tensor:
+    """(B,) index of the last True entry of each row of ``prompt`` (B, L)."""
+    positions = torch.arange(prompt.shape[1], device=prompt.device)
+    return torch.where(prompt, positions, -1).amax(dim=1)
+
+
+# the engine -----------------------------------------------------------------------------------------
+
+@dataclass
+class Prefill:
+    """What a prefill through the engine leaves: final-normed hidden states, the sequence they
+    belong to, the segments (also on the cache), per-layer lengths and the llm reducer's FLOPs."""
+
+    hidden: Tensor
+    sequence: Sequence
+    segments: list[Segment]
+    lengths: list[tuple[int, int]]
+    reducer_flops: int
+    tokens_per_sample: list[int] | None
+
+
+class LanguageModelEngine:
+    """Runs a Llama / Qwen2-style decoder (``language_model``: ``layers``, ``norm``,
+    ``rotary_emb``) layer by layer with one optional ``llm``-stage reducer.
+
+    The constructor only checks (a :class:`CompatibilityError` when a decoder layer's signature is
+    not the one the loop calls).
+    """
+
+    def __init__(self, language_model: nn.Module, reducer: Reducer | None, scheme=Rotary1D, name: str = "model"):
+        for part in ("embed_tokens", "layers", "norm", "rotary_emb"):
+            if not hasattr(language_model, part):
+                raise TypeError(f"{name}'s language model ({type(language_model).__name__}) has no `{part}`; "
+                                "tokred supports Llama / Qwen2 / Mistral-style decoders")
+        text_config = language_model.config
+        if any(kind != "full_attention" for kind in getattr(text_config, "layer_types", None) or []):
+            raise TypeError(f"{name}'s language model has sliding-window layers, which tokred does not support")
+        self.language_model, self.layers, self.scheme = language_model, list(language_model.layers), scheme
+        self.reducer = reducer
+        if reducer is not None:
+            reducer.check(len(self.layers))
+        self.cache_keyword = self._check_layers(name)
+
+    def _check_layers(self, name: str) -> str:
+        keywords = {cache_keyword(type(layer).forward, f"{name}'s decoder layer {type(layer).__name__}")
+                    for layer in self.layers}
+        for layer in self.layers:
+            parameters = inspect.signature(type(layer).forward).parameters
+            missing = [k for k in _LAYER_KEYWORDS if k not in parameters]
+            if missing or list(parameters)[1] != "hidden_states" or len(keywords) != 1:
+                raise CompatibilityError(f"{name}'s decoder layer {type(layer).__name__} has the signature "
+                                         f"{inspect.signature(type(layer).forward)}, not the one tokred's decoder "
+                                         f"loop calls (hidden_states, {', '.join(_LAYER_KEYWORDS)}, cache)")
+        return keywords.pop()
+
+    # one segment, one layer -------------------------------------------------------------------------
+    def _segment_inputs(self, segment: Segment, hidden: Tensor, queries: int, positions: Tensor) -> None:
+        segment.mask = additive_mask(segment.valid, queries, hidden.dtype, segment.log_size)
+        segment.positions = positions
+        segment.position_embeddings = self.language_model.rotary_emb(hidden, positions)
+
+    def _layer(self, i: int, hidden: Tensor, segment: Segment, cache) -> Tensor:
+        return self.layers[i](hidden, attention_mask=segment.mask, position_ids=segment.positions,
+                              use_cache=True, position_embeddings=segment.position_embeddings,
+                              **{self.cache_keyword: cache})
+
+    @staticmethod
+    def _release(segments: list[Segment]) -> None:
+        for s in segments:
+            s.mask = s.position_embeddings = s.positions = None
+
+    # prefill ----------------------------------------------------------------------------------------
+    def new_cache(self):
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.language_model.config)
+
+    def prefill(self, seq: Sequence, next_position: Tensor, cache, keep_cache: bool) -> Prefill:
+        """Run every decoder layer on ``seq`` (the reducer acting before its layer K); with
+        ``keep_cache`` the segments ride on ``cache`` for the decode steps."""
+        reducer = self.reducer
+        segment = Segment(0, seq.valid, next_position)
+        self._segment_inputs(segment, seq.hidden, seq.hidden.shape[1], seq.positions)
+        segments, lengths = [segment], [(0, seq.hidden.shape[1])]
+        hidden, flops, per_sample = seq.hidden, 0, None
+        for i in range(len(self.layers)):
+            if reducer is not None and i == reducer.layer:
+                seq, next_position, flops = self._reduce(i, replace(seq, hidden=hidden), entering, segment, cache)
+                hidden = seq.hidden
+                log_size = None
+                if reducer.proportional_attention and seq.size is not None:
+                    log_size = seq.size[..., 0].clamp_min(1).log()  # padding (size 0) is masked anyway
+                segment = Segment(i, seq.valid, next_position, log_size)
+                self._segment_inputs(segment, hidden, hidden.shape[1], seq.positions)
+                segments.append(segment)
+                lengths.append((i, hidden.shape[1]))
+                per_sample = seq.valid.sum(dim=1).tolist()
+            entering = hidden
+            hidden = self._layer(i, hidden, segment, cache)
+        self._release(segments)
+        if keep_cache:
+            cache._tokred = segments
+        return Prefill(self.language_model.norm(hidden), seq, segments, lengths, flops, per_sample)
+
+    def _reduce(self, layer: int, seq: Sequence, entering: Tensor, segment: Segment,
+                cache) -> tuple[Sequence, Tensor, int]:
+        """The reducer's plan before decoder ``layer``: the new sequence, next positions and its FLOPs."""
+        reducer = self.reducer
+        signal = SequenceSignal(self.language_model.norm(seq.hidden), seq.visual, seq.valid, seq.prompt,
+                                sizes=seq.size)
+        flops = 0
+        if reducer.needs_keys:
+            signal.keys = cache.layers[layer - 1].keys
+        if reducer.needs_last_attention:
+            signal.last_attention, flops = self.last_attention(layer - 1, entering, segment, cache, seq)
+        plan = reducer.plan_sequence(signal)
+        length = seq.valid.shape[1]
+        kept = torch.zeros(seq.valid.shape[0], length + 1, dtype=torch.bool, device=seq.valid.device)
+        kept = kept.scatter_(1, plan.keep, True)[:, :length]
+        if bool((~kept & ~seq.visual & seq.valid).any()):
+            raise RuntimeError(f"{type(reducer).__name__} removed or merged a text token; only visual tokens may go")
+        flops += reducer.overhead_flops(signal)
+        seq, next_position = seq.apply(plan, reducer.positions, segment.next_position, self.scheme)
+        return seq, next_position, flops
+
+    def last_attention(self, layer: int, entering: Tensor, segment: Segment, cache, seq: Sequence):
+        """Attention of each sample's last prompt token over all tokens at decoder layer ``layer``
+        (averaged over heads), from that one query row and the layer's cached keys; and its FLOPs."""
+        decoder = self.layers[layer]
+        attn = decoder.self_attn
+        batch = entering.shape[0]
+        rows = torch.arange(batch, device=entering.device)
+        last = last_prompt_token(seq.prompt)
+        x = decoder.input_layernorm(entering[rows, last][:, None])
+        q = attn.q_proj(x).view(batch, 1, -1, attn.head_dim).transpose(1, 2)  # (B, H, 1, D)
+        if hasattr(attn, "q_norm"):
+            q = attn.q_norm(q)
+        cos, sin = (t[rows, last][:, None] for t in segment.position_embeddings)  # (B, 1, D)
+        apply_rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb  # the attention's own rotary
+        q = apply_rotary(q, q, cos, sin)[0]
+        keys = cache.layers[layer].keys
+        keys = keys.repeat_interleave(q.shape[1] // keys.shape[1], dim=1)
+        logits = (q @ keys.transpose(-1, -2))[:, :, 0] * attn.scaling  # (B, H, L)
+        if segment.log_size is not None:
+            logits = logits + segment.log_size[:, None]
+        positions = torch.arange(keys.shape[2], device=keys.device)
+        allowed = seq.valid & (positions[None] <= last[:, None])
+        logits = logits.masked_fill(~allowed[:, None], torch.finfo(logits.dtype).min)
+        row = logits.softmax(dim=-1).mean(dim=1)
+        flops = linear_flops(attn.q_proj, batch) + 2 * batch * q.shape[1] * keys.shape[2] * attn.head_dim
+        return row, flops
+
+    # decode -----------------------------------------------------------------------------------------
+    def decode(self, segments: list[Segment], hidden: Tensor, attention_mask: Tensor | None, cache) -> Tensor:
+        """One decode step of ``hidden`` (B, queries, C) new tokens on a cache left by :meth:`prefill`;
+        returns the final-normed hidden states."""
+        batch, queries = hidden.shape[:2]
+        new_valid = (attention_mask[:, -queries:].bool() if attention_mask is not None
+                     else torch.ones(batch, queries, dtype=torch.bool, device=hidden.device))
+        for segment in segments:
+            segment.valid = torch.cat([segment.valid, new_valid], dim=1)
+            if segment.log_size is not None:
+                segment.log_size = torch.cat([segment.log_size, segment.log_size.new_zeros(batch, queries)], dim=1)
+            positions = self.scheme.decode(segment.next_position, queries)
+            segment.next_position = segment.next_position + queries
+            self._segment_inputs(segment, hidden, queries, positions)
+        starts = [s.first for s in segments]
+        for i in range(len(self.layers)):
+            segment = segments[sum(start <= i for start in starts) - 1]
+            hidden = self._layer(i, hidden, segment, cache)
+        self._release(segments)
+        return self.language_model.norm(hidden)
