@@ -350,6 +350,8 @@ class LlavaAdapter(Adapter):
         llm = self.reducers.get("llm")
         self._finish_trace(seq.hidden.shape[0], run.lengths, projector_record,
                            (llm.layer, run.reducer_flops) if llm is not None else None, run.tokens_per_sample)
+        if run.sequence.size is not None:  # an llm-stage plan merged tokens: what each final token stands for
+            self.trace.sizes = run.sequence.size[..., 0]
         labels = call["labels"]
         if labels is not None:
             origin = run.sequence.origin
