@@ -173,7 +173,7 @@ def tiny_tasks(args) -> list[Task]:
 @dataclass
 class Setting:
     label: str
-    reducer: object
+    reducers: tuple
     features: dict[str, list[Tensor]] = field(default_factory=dict)
     flops: int = 0
     images: int = 0
@@ -200,8 +200,8 @@ def encode_images(model, task: Task, settings: list[Setting], device, progress: 
                                    file=sys.stdout):
             images = images.to(device)
             targets.append(target)
-            for setting in settings:  # one model: each setting's reducer is applied before its forward
-                tokred.apply(model, *([] if setting.reducer is None else [setting.reducer]))
+            for setting in settings:  # one model: each setting's reducers are applied before its forward
+                tokred.apply(model, *setting.reducers)
                 features = model.encode_image(images, normalize=True)
                 trace = tokred.last_trace(model)
                 setting.features.setdefault(task.name, []).append(features.float().cpu())
@@ -247,12 +247,12 @@ def evaluate(model, tokenizer, tasks: list[Task], specs: str, device="cpu", batc
     """One result row per reducer spec (``none`` = the unreduced model)."""
     from tokred.bench import parse_reducers
 
-    settings = [Setting("full", None)] + [Setting(label, reducer) for label, reducer in parse_reducers(specs)]
+    settings = [Setting("full", ())] + [Setting(label, reducers) for label, reducers in parse_reducers(specs)]
     import tokred
 
     for setting in settings[1:]:  # unsupported model or bad schedule: fail before any forward
-        if setting.reducer is not None:
-            with tokred.applied(model, setting.reducer):
+        if setting.reducers:
+            with tokred.applied(model, *setting.reducers):
                 pass
     rows = {setting.label: {} for setting in settings}
     for task in tasks:
@@ -272,7 +272,7 @@ def evaluate(model, tokenizer, tasks: list[Task], specs: str, device="cpu", batc
         final = sorted(set(setting.final_tokens))
         results.append({
             "reducer": setting.label,
-            "reducer_repr": None if setting.reducer is None else repr(setting.reducer),
+            "reducer_repr": ", ".join(map(repr, setting.reducers)) or None,
             "tokens_final": final[0] if len(final) == 1 else statistics.mean(setting.final_tokens),
             "gflops_per_image": flops / 1e9,
             "flops_ratio": flops / full_flops,

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
 import torch
 
 import tokred
-from tokred.bench import JSON_NAME, PLOT_NAME, parse_reducer, parse_reducers
+from tokred.bench import JSON_NAME, PLOT_NAME, parse_reducers
 from tokred.cli import main
 from tokred.reference import (digits_to_unit, load_reference_config, load_reference_data, load_reference_model,
                               preprocess_digits)
@@ -59,18 +60,16 @@ def test_missing_assets_give_clear_error(monkeypatch, tmp_path):
         load_reference_model()
 
 
-# reducer specs ------------------------------------------------------------------------------
-def test_parse_valid_specs():
-    assert parse_reducer("none") is None
-    assert parse_reducer(" NONE ") is None
-    assert parse_reducer("tome:r=8") == tokred.ToMe(r=8)
-    assert parse_reducer("tome:r=8:prop_attn=false") == tokred.ToMe(r=8, prop_attn=False)
-    assert parse_reducer("tome:prop_attn=True:r=3") == tokred.ToMe(r=3, prop_attn=True)
-    assert parse_reducer("tome:r=(8,-0.5)").r == (8, -0.5)
-    assert parse_reducer("tome:r=[8,8,4]").r == [8, 8, 4]
-    settings = parse_reducers("none, tome:r=8,tome:r=16,tome:r=[4,2]")
-    assert [label for label, _ in settings] == ["none", "tome:r=8", "tome:r=16", "tome:r=[4,2]"]
-    assert [reducer for _, reducer in settings] == [None, tokred.ToMe(r=8), tokred.ToMe(r=16), tokred.ToMe(r=[4, 2])]
+# reducer specs (the grammar itself: tests/test_registry.py) -----------------------------------
+def test_parse_reducers_settings():
+    settings = parse_reducers("none, tome:r=8,tome:r=16,tome:r=[4;2],tome:r=8;-0.5/prop_attn=false,"
+                              "tome:r=2+pool:stride=2")
+    assert [label for label, _ in settings] == ["none", "tome:r=8", "tome:r=16", "tome:r=[4;2]",
+                                                "tome:r=8;-0.5/prop_attn=false", "tome:r=2+pool:stride=2"]
+    assert [reducers for _, reducers in settings] == [
+        (), (tokred.ToMe(r=8),), (tokred.ToMe(r=16),), (tokred.ToMe(r=[4, 2]),),
+        (tokred.ToMe(r=(8, -0.5), prop_attn=False),), (tokred.ToMe(r=2), tokred.Pool(stride=2))]
+    assert parse_reducers(" NONE ") == [("none", ())]
 
 
 @pytest.mark.parametrize("spec, message", [
@@ -79,16 +78,16 @@ def test_parse_valid_specs():
     ("tome:r", "expected key=value"),
     ("tome:r=", "expected key=value"),
     ("tome:r=-1", "r must be >= 0"),
-    ("tome:r=abc", "cannot parse"),
+    ("tome:r=a(b", "cannot parse"),
     ("tome:r=8.5", "not a valid schedule"),
     ("tome:prop_attn=1", "prop_attn"),
-    ("tome:r=2:r=4", "twice"),
-    ("none:r=2", "no parameters"),
-    ("", "empty"),
+    ("tome:r=2/r=4", "twice"),
+    ("none:r=2", "stands alone"),
+    ("tome:r=(8,-0.5)", "items are separated by ';'"),  # the old grammar
 ])
-def test_parse_invalid_specs(spec, message):
-    with pytest.raises(ValueError, match=message):
-        parse_reducer(spec)
+def test_parse_reducers_invalid_specs(spec, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        parse_reducers(spec)
 
 
 def test_parse_reducers_rejects_duplicates_and_empty_items():
@@ -103,6 +102,15 @@ def test_cli_reports_bad_spec(capsys):
         main(["bench", "--reducers", "none,tomee:r=4", "--no-progress"])
     assert exit_info.value.code == 2
     assert "unknown reducer 'tomee'" in capsys.readouterr().err
+
+
+
+def test_cli_applies_compositions_and_reports_their_errors(capsys):
+    # a composition is one setting; two reducers at the vision stage are refused before any batch runs
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--reducers", "none,tome:r=2+pool:stride=2", "--no-progress"])
+    assert exit_info.value.code == 2
+    assert "two reducers at the 'vision' stage" in capsys.readouterr().err
 
 
 # tokred bench end to end --------------------------------------------------------------------

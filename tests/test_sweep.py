@@ -5,13 +5,14 @@ import contextlib
 import csv
 import io
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 
 import tokred
-from tokred import bench, sweep
+from tokred import registry, sweep
 from tokred.cli import main
 from tokred.reference import load_reference_data, load_reference_model
 
@@ -41,18 +42,30 @@ def _independent(reducer):
 
 
 # settings ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FakeToMe(tokred.ToMe):
+    """ToMe under another name, to stand for a newly registered family."""
+
+
+def _register_fake(monkeypatch):
+    """Register ``fake`` for this test only."""
+    monkeypatch.setattr(registry, "_registry", dict(registry._registry))
+    monkeypatch.setattr(registry, "_names", dict(registry._names))
+    tokred.register_reducer("fake")(FakeToMe)
+
+
 def test_default_families_follow_the_registry(monkeypatch):
-    assert sweep.available_families() == [name for name in sweep.SWEEPS if name in bench.REDUCERS]
+    assert sweep.available_families() == [name for name in sweep.SWEEPS if name in tokred.list_reducers()]
     assert {"tome", "pitome"} <= set(sweep.available_families())
     for specs in sweep.SWEEPS.values():  # every listed spec names its family
         assert all(sweep.family_of(spec) for spec in specs)
     # A family listed in SWEEPS runs once its reducer is registered, not before.
     monkeypatch.setitem(sweep.SWEEPS, "fake", ["fake:r=1", "fake:r=3"])
     assert "fake" not in [family for family, _, _ in sweep.sweep_settings()]
-    monkeypatch.setitem(bench.REDUCERS, "fake", tokred.ToMe)
+    _register_fake(monkeypatch)
     settings = sweep.sweep_settings()
     assert [(f, label, r) for f, label, r in settings if f == "fake"] == [
-        ("fake", "fake:r=1", tokred.ToMe(r=1)), ("fake", "fake:r=3", tokred.ToMe(r=3))]
+        ("fake", "fake:r=1", (FakeToMe(r=1),)), ("fake", "fake:r=3", (FakeToMe(r=3),))]
     # Every registered default family parses (no family is skipped with a warning).
     expected = sum(len(sweep.SWEEPS[name]) for name in sweep.available_families())
     assert len(settings) == expected
@@ -60,7 +73,7 @@ def test_default_families_follow_the_registry(monkeypatch):
 
 def test_registered_family_with_bad_default_specs_is_skipped_loudly(monkeypatch, capsys):
     monkeypatch.setitem(sweep.SWEEPS, "fake", ["fake:strength=1"])
-    monkeypatch.setitem(bench.REDUCERS, "fake", tokred.ToMe)
+    _register_fake(monkeypatch)
     settings = sweep.sweep_settings()
     assert "fake" not in {family for family, _, _ in settings} and settings
     assert "skipped the 'fake' family" in capsys.readouterr().err
@@ -69,9 +82,12 @@ def test_registered_family_with_bad_default_specs_is_skipped_loudly(monkeypatch,
 
 
 def test_explicit_specs_and_families():
-    settings = sweep.sweep_settings(specs="none,tome:r=2,pitome:keep=0.8,tome:r=(4,-0.5)")
+    settings = sweep.sweep_settings(specs="none,tome:r=2,pitome:keep=0.8,tome:r=4;-0.5,tome:r=2+pool:stride=2")
     assert [(f, label) for f, label, _ in settings] == [("tome", "tome:r=2"), ("pitome", "pitome:keep=0.8"),
-                                                        ("tome", "tome:r=(4,-0.5)")]
+                                                        ("tome", "tome:r=4;-0.5"),
+                                                        ("tome+pool", "tome:r=2+pool:stride=2")]
+    assert settings[2][2] == (tokred.ToMe(r=(4, -0.5)),)
+    assert settings[3][2] == (tokred.ToMe(r=2), tokred.Pool(stride=2))
     assert [label for _, label, _ in sweep.sweep_settings(["pitome"])] == sweep.SWEEPS["pitome"]
 
 

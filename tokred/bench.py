@@ -8,9 +8,7 @@ the full model's predictions.
 """
 from __future__ import annotations
 
-import ast
 import copy
-import dataclasses
 import json
 import platform
 import statistics
@@ -25,91 +23,31 @@ import torch
 from torch import Tensor, nn
 
 import tokred
-from tokred.reducers import PiToMe, Pool, Random, Reducer, Thresholds, ToMe
+from tokred.reducers import Reducer
 
-#: reducer names accepted in ``--reducers`` specs (``none`` means no reduction)
-REDUCERS: dict[str, type[Reducer]] = {"tome": ToMe, "pitome": PiToMe, "random": Random, "pool": Pool,
-                                       "thresholds": Thresholds}
 DEFAULT_REDUCERS = "none,tome:r=2,tome:r=4,tome:r=6,tome:r=8"
 JSON_NAME = "bench.json"
 PLOT_NAME = "flops_vs_accuracy.png"
 
 
 # reducer specs ------------------------------------------------------------------------------
-def _split_top_level(text: str, sep: str) -> list[str]:
-    """Split ``text`` at ``sep`` outside brackets, so ``r=[8,4]`` and ``r=(8,-0.5)`` stay whole."""
-    parts, depth, current = [], 0, []
-    for char in text:
-        if char in "([":
-            depth += 1
-        elif char in ")]":
-            depth -= 1
-        if char == sep and depth == 0:
-            parts.append("".join(current))
-            current = []
-        else:
-            current.append(char)
-    parts.append("".join(current))
-    return parts
+def parse_reducers(specs: str) -> list[tuple[str, tuple[Reducer, ...]]]:
+    """Comma-separated settings -> [(label, reducers)], e.g. ``none,tome:r=8,tome:r=8;-0.5``.
 
-
-def _parse_value(text: str, context: str):
-    text = text.strip()
-    if text.lower() in ("true", "false"):
-        return text.lower() == "true"
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        raise ValueError(f"cannot parse the value '{text}' in '{context}': use a number, true/false, "
-                         "a list like [8,8,4] or a tuple like (8,-0.5)") from None
-
-
-def parse_reducer(spec: str) -> Reducer | None:
-    """One reducer from a spec such as ``tome:r=8`` or ``tome:r=8:prop_attn=false``; ``none`` -> None."""
-    spec = spec.strip()
-    if not spec:
-        raise ValueError("empty reducer spec; expected e.g. 'none' or 'tome:r=8'")
-    name, *params = _split_top_level(spec, ":")
-    name = name.strip().lower()
-    known = ", ".join(["none", *REDUCERS])
-    if name == "none":
-        if params:
-            raise ValueError(f"'none' takes no parameters, got '{spec}'")
-        return None
-    if name not in REDUCERS:
-        raise ValueError(f"unknown reducer '{name}' in '{spec}'; known reducers: {known}")
-    reducer_class = REDUCERS[name]
-    allowed = [f.name for f in dataclasses.fields(reducer_class) if f.init]
-    kwargs = {}
-    for param in params:
-        key, sep, value = param.partition("=")
-        key = key.strip()
-        if not sep or not key or not value.strip():
-            raise ValueError(f"bad parameter '{param}' in '{spec}'; expected key=value, e.g. {name}:r=8")
-        if key not in allowed:
-            raise ValueError(f"unknown parameter '{key}' for {name} in '{spec}'; its parameters are: "
-                             f"{', '.join(allowed)}")
-        if key in kwargs:
-            raise ValueError(f"parameter '{key}' given twice in '{spec}'")
-        kwargs[key] = _parse_value(value, spec)
-    try:
-        return reducer_class(**kwargs)
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"bad reducer spec '{spec}': {error}") from None
-
-
-def parse_reducers(specs: str) -> list[tuple[str, Reducer | None]]:
-    """Comma-separated specs -> [(label, reducer or None)], e.g. ``none,tome:r=8,tome:r=16``."""
+    Each setting is a spec of :func:`tokred.parse_spec`, possibly a ``+`` composition (``none``
+    gives no reducers); its label is the spec as written."""
     settings, seen = [], set()
-    for spec in _split_top_level(specs, ","):
-        reducer = parse_reducer(spec)
-        label = "".join(spec.split()).lower()
+    for item in specs.split(","):
+        label = item.strip()
+        if not label:
+            raise ValueError(f"empty reducer spec in '{specs}'; expected e.g. '{DEFAULT_REDUCERS}'")
+        reducers = tokred.parse_spec(label)
+        if not reducers:
+            label = "none"
         if label in seen:
             raise ValueError(f"reducer '{label}' is listed twice")
         seen.add(label)
-        settings.append((label, reducer))
-    if not settings:
-        raise ValueError("no reducers given")
+        settings.append((label, reducers))
     return settings
 
 
@@ -117,7 +55,7 @@ def parse_reducers(specs: str) -> list[tuple[str, Reducer | None]]:
 @dataclass
 class _Setting:
     label: str
-    reducer: Reducer | None
+    reducers: tuple[Reducer, ...]
     model: nn.Module
     correct: int = 0
     agree: int = 0
@@ -160,15 +98,16 @@ class Evaluation:
 
 
 def evaluate(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor | None]],
-             settings: list[tuple[str, Reducer | None]], device: str | torch.device = "cpu",
+             settings: list[tuple[str, tuple[Reducer, ...]]], device: str | torch.device = "cpu",
              num_batches: int | None = None, progress: bool = True, shared_model: bool = False) -> Evaluation:
     """Top-1, agreement with the full model, analytic FLOPs and tokens of ``settings`` over ``batches``.
 
     Every batch runs through the unreduced model first (its predictions are the reference for
-    agreement), then through every setting. With ``shared_model=False`` each setting gets its own
-    deep copy of ``model`` with its reducer applied once (the copies are what :func:`run_bench`
+    agreement), then through every setting (a label and its reducers, none for the unreduced model).
+    With ``shared_model=False`` each setting gets its own
+    deep copy of ``model`` with its reducers applied once (the copies are what :func:`run_bench`
     times afterwards; unreduced copies are unpatched again on return). With ``shared_model=True``
-    one copy serves every setting and the setting's reducer is applied before each of its
+    one copy serves every setting and the setting's reducers are applied before each of its
     forwards (the memory of one model, for long sweeps on large models); it is unpatched on
     return. Reducer errors (unsupported model, bad schedule) surface before any batch runs.
     """
@@ -176,17 +115,17 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor | None]],
 
     device = torch.device(device)
     base = tokred.remove(copy.deepcopy(model)).to(device).eval()
-    runs = [_Setting("full", None, base)]
-    for label, reducer in settings:
+    runs = [_Setting("full", (), base)]
+    for label, reducers in settings:
         if shared_model:
-            with tokred.applied(base, *([] if reducer is None else [reducer])):
+            with tokred.applied(base, *reducers):
                 pass
-            runs.append(_Setting(label, reducer, base))
+            runs.append(_Setting(label, reducers, base))
             continue
         clone = copy.deepcopy(base)
-        if reducer is not None:
-            tokred.apply(clone, reducer)  # errors (unsupported model, bad schedule) surface here
-        runs.append(_Setting(label, reducer, clone))
+        if reducers:
+            tokred.apply(clone, *reducers)  # errors (unsupported model, bad schedule) surface here
+        runs.append(_Setting(label, reducers, clone))
 
     first_batch = None
     has_labels = None
@@ -195,7 +134,7 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor | None]],
             stack.callback(tokred.remove, base)
         else:
             for run in runs:  # unreduced models are only instrumented while evaluating, never while timed
-                if run.reducer is None:
+                if not run.reducers:
                     stack.enter_context(tokred.applied(run.model))
         bar = tqdm(batches, total=num_batches, desc="evaluating", unit="batch", disable=not progress,
                    file=sys.stdout)
@@ -207,7 +146,7 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor | None]],
             reference = None
             for run in runs:
                 if shared_model:
-                    tokred.apply(run.model, *([] if run.reducer is None else [run.reducer]))
+                    tokred.apply(run.model, *run.reducers)
                 prediction = run.model(images).argmax(dim=-1).cpu()
                 if reference is None:
                     reference = prediction
@@ -231,7 +170,7 @@ def accuracy_summary(run: _Setting, full: _Setting, has_labels: bool) -> dict:
     final = sorted(set(run.final_tokens))  # per image: reducers such as Thresholds keep different numbers
     return {
         "reducer": run.label,
-        "reducer_repr": repr(run.reducer) if run.reducer is not None else None,
+        "reducer_repr": ", ".join(map(repr, run.reducers)) or None,
         "tokens_final": final[0] if len(final) == 1 else statistics.mean(run.final_tokens),
         "tokens_per_layer": run.tokens,
         "gflops_per_image": flops / 1e9,
@@ -443,7 +382,8 @@ def add_arguments(parser) -> None:
     add_model_arguments(parser)
     parser.add_argument("--reducers", default=DEFAULT_REDUCERS,
                         help=f"comma-separated reducer specs (default: {DEFAULT_REDUCERS}); e.g. "
-                             "'none,tome:r=8,tome:r=8:prop_attn=false,tome:r=(8,-0.5)'")
+                             "'none,tome:r=8,tome:r=8/prop_attn=false,tome:r=8;-0.5,pool:stride=1;2' "
+                             "(the grammar: tokred.parse_spec)")
     parser.add_argument("--rounds", type=int, default=11, help="interleaved timing rounds")
     parser.add_argument("--out", type=Path, default=Path("results/bench"), help="output directory")
     parser.add_argument("--threads", type=int, default=None,

@@ -1,6 +1,6 @@
 """``tokred sweep``: top-1 accuracy and agreement against FLOPs, per reducer family over its strengths.
 
-Every family in :data:`SWEEPS` whose reducer is registered in ``tokred.bench.REDUCERS`` is run over
+Every family in :data:`SWEEPS` whose reducer is registered (:func:`tokred.list_reducers`) is run over
 its list of specs (weakest first) on the embedded reference model and its held-out digits, or on
 ``--model``/``--data``. There is no timing: the x axis is the analytic FLOPs ratio (reduced / full,
 :func:`tokred.flops`). Writes ``sweep.json``, ``sweep.csv``, ``sweep.md`` and ``sweep.png`` (one
@@ -15,18 +15,18 @@ import shutil
 import sys
 from pathlib import Path
 
-from tokred import bench
+from tokred import bench, registry
 from tokred.reducers import Reducer
 
-#: The default sweep: reducer family -> specs, weakest reduction first. Edit the strengths here.
-#: A family runs only while its name is registered in ``tokred.bench.REDUCERS``.
+#: The default sweep: reducer family -> specs (:func:`tokred.parse_spec`), weakest reduction first.
+#: Edit the strengths here. A family runs only while its name is registered (:func:`tokred.list_reducers`).
 SWEEPS: dict[str, list[str]] = {
     "tome": ["tome:r=1", "tome:r=2", "tome:r=3", "tome:r=4", "tome:r=5", "tome:r=6", "tome:r=7", "tome:r=8"],
     "pitome": ["pitome:keep=0.95", "pitome:keep=0.9", "pitome:keep=0.85", "pitome:keep=0.8",
                "pitome:keep=0.75", "pitome:keep=0.7", "pitome:keep=0.65", "pitome:keep=0.6"],
     "random": ["random:keep=0.9", "random:keep=0.8", "random:keep=0.7", "random:keep=0.6",
                "random:keep=0.5", "random:keep=0.4", "random:keep=0.3"],
-    "pool": ["pool:stride=(1,2)", "pool:stride=2", "pool:stride=(2,4)", "pool:stride=4"],
+    "pool": ["pool:stride=1;2", "pool:stride=2", "pool:stride=2;4", "pool:stride=4"],
 }
 
 #: FLOPs ratios the learned thresholds are calibrated to in the default sweep of the reference
@@ -45,18 +45,19 @@ CSV_COLUMNS = ["family", "spec", "tokens_final", "gflops_per_image", "flops_rati
 
 # which settings ----------------------------------------------------------------------------
 def available_families() -> list[str]:
-    """The families of :data:`SWEEPS` whose reducer is registered in ``tokred.bench.REDUCERS`` now."""
-    return [name for name in SWEEPS if name in bench.REDUCERS]
+    """The families of :data:`SWEEPS` whose reducer is registered now."""
+    registered = registry.list_reducers()
+    return [name for name in SWEEPS if name in registered]
 
 
 def family_of(spec: str) -> str:
-    """The reducer name of a spec: ``tome:r=4`` -> ``tome``."""
-    return bench._split_top_level(spec, ":")[0].strip().lower()
+    """The reducer names of a spec: ``tome:r=4`` -> ``tome``, ``tome:r=4+pool:stride=2`` -> ``tome+pool``."""
+    return "+".join(part.partition(":")[0].strip().lower() for part in spec.split("+"))
 
 
 def sweep_settings(families: list[str] | None = None,
-                   specs: str | None = None) -> list[tuple[str, str, Reducer | None]]:
-    """[(family, label, reducer)] from explicit comma-separated ``specs`` or from :data:`SWEEPS`.
+                   specs: str | None = None) -> list[tuple[str, str, tuple[Reducer, ...]]]:
+    """[(family, label, reducers)] from explicit comma-separated ``specs`` or from :data:`SWEEPS`.
 
     ``none`` entries are dropped (the unreduced model is always measured, as the reference).
     ``families=None`` means every available family.
@@ -65,7 +66,7 @@ def sweep_settings(families: list[str] | None = None,
         if families is not None:
             raise ValueError("give either --reducers (families of the default sweep) or --specs, not both")
         parsed = bench.parse_reducers(specs)
-        return [(family_of(label), label, reducer) for label, reducer in parsed if reducer is not None]
+        return [(family_of(label), label, reducers) for label, reducers in parsed if reducers]
     automatic = families is None
     if automatic:
         families = available_families()
@@ -74,9 +75,9 @@ def sweep_settings(families: list[str] | None = None,
         if family not in SWEEPS:
             raise ValueError(f"no default sweep for '{family}'; families with one: {', '.join(SWEEPS)} "
                              "(use --specs for anything else)")
-        if family not in bench.REDUCERS:
+        if family not in registry.list_reducers():
             raise ValueError(f"'{family}' has a default sweep but is not a registered reducer yet; "
-                             f"registered: {', '.join(bench.REDUCERS)}")
+                             f"registered: {', '.join(registry.list_reducers())}")
         try:
             parsed = bench.parse_reducers(",".join(SWEEPS[family]))
         except ValueError as error:
@@ -87,14 +88,14 @@ def sweep_settings(families: list[str] | None = None,
             print(f"warning: skipped the '{family}' family: its specs in tokred.sweep.SWEEPS do not parse "
                   f"({error})", file=sys.stderr)
             continue
-        settings.extend((family, label, reducer) for label, reducer in parsed)
+        settings.extend((family, label, reducers) for label, reducers in parsed)
     if not settings:
         raise ValueError("nothing to sweep")
     return settings
 
 
-def calibrated_settings(model, targets, progress: bool = True) -> list[tuple[str, str, Reducer]]:
-    """[("thresholds", label, reducer)]: :class:`~tokred.Thresholds` calibrated to each FLOPs target
+def calibrated_settings(model, targets, progress: bool = True) -> list[tuple[str, str, tuple[Reducer, ...]]]:
+    """[("thresholds", label, (reducer,))]: :class:`~tokred.Thresholds` calibrated to each FLOPs target
     on the reference model's training split (one epoch, batches of 64 in a seeded order)."""
     import copy
 
@@ -110,7 +111,7 @@ def calibrated_settings(model, targets, progress: bool = True) -> list[tuple[str
     for target in targets:
         student = tokred.remove(copy.deepcopy(model))
         tokred.calibrate(student, batches, target_flops=target, progress=progress)
-        settings.append(("thresholds", f"thresholds:calibrated={target}", tokred.reducers_of(student)[0]))
+        settings.append(("thresholds", f"thresholds:calibrated={target}", tokred.reducers_of(student)))
     return settings
 
 
@@ -124,7 +125,7 @@ def _parse_families(text: str) -> list[str]:
 
 
 # measuring ---------------------------------------------------------------------------------
-def run_sweep(model, batches, settings: list[tuple[str, str, Reducer | None]], device="cpu",
+def run_sweep(model, batches, settings: list[tuple[str, str, tuple[Reducer, ...]]], device="cpu",
               num_batches: int | None = None, progress: bool = True) -> dict:
     """Evaluate every setting (one shared copy of ``model``) and the unreduced model; no timing.
 
@@ -132,7 +133,7 @@ def run_sweep(model, batches, settings: list[tuple[str, str, Reducer | None]], d
     row is the unreduced model (family and spec ``none``); each row has family, spec,
     tokens_final, tokens_per_layer, gflops_per_image, flops_ratio, top1, agreement, notes.
     """
-    evaluation = bench.evaluate(model, batches, [(label, reducer) for _, label, reducer in settings],
+    evaluation = bench.evaluate(model, batches, [(label, reducers) for _, label, reducers in settings],
                                 device=device, num_batches=num_batches, progress=progress, shared_model=True)
 
     def row(family: str, summary: dict) -> dict:
@@ -243,7 +244,7 @@ def main(args) -> int:
     if args.readme is not None and not args.readme.is_file():
         raise FileNotFoundError(f"README {args.readme} not found (pass --readme PATH)")
     if families is None and args.specs is None:
-        missing = [name for name in SWEEPS if name not in bench.REDUCERS]
+        missing = [name for name in SWEEPS if name not in registry.list_reducers()]
         if missing:
             print(f"note: not registered (yet), skipped: {', '.join(missing)}")
     model, batches, num_batches, described, notes = bench.load_model_and_data(args)

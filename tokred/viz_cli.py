@@ -87,8 +87,8 @@ def add_arguments(parser) -> None:
                              "a held-out digit, or this image in grey)")
     parser.add_argument("--index", type=int, default=None, help="which held-out digit (reference model; default 0)")
     parser.add_argument("--reducer", default=None,
-                        help=f"reducer spec as in tokred bench (default: {REFERENCE_REDUCER} on the reference "
-                             f"model, {TIMM_REDUCER} with --model)")
+                        help=f"reducer spec (tokred.parse_spec), e.g. tome:r=4/prop_attn=false (default: "
+                             f"{REFERENCE_REDUCER} on the reference model, {TIMM_REDUCER} with --model)")
     parser.add_argument("--layers", default=None, help="comma-separated block indices to draw, e.g. 2,5 (default: all)")
     parser.add_argument("--tint", type=float, default=0.0,
                         help="0..1: blend each token's fill with a distinct hue (helps on flat images)")
@@ -100,7 +100,6 @@ def main(args) -> int:
 
     import tokred
     from tokred import viz
-    from tokred.bench import parse_reducer
 
     if args.pretrained and args.model is None:
         raise ValueError("--pretrained needs --model (the embedded reference model is always trained)")
@@ -111,7 +110,7 @@ def main(args) -> int:
     if not 0.0 <= args.tint <= 1.0:
         raise ValueError(f"--tint must be in [0, 1], got {args.tint}")
     spec = args.reducer or (REFERENCE_REDUCER if args.model is None else TIMM_REDUCER)
-    reducer = parse_reducer(spec)
+    reducers = tokred.parse_spec(spec)
     layers = parse_layers(args.layers)
     if args.image is not None and not args.image.is_file():
         raise FileNotFoundError(f"image {args.image} not found")
@@ -138,7 +137,7 @@ def main(args) -> int:
     else:
         layers = list(range(depth)) if depth else None
 
-    tokred.apply(model, *([] if reducer is None else [reducer]))
+    tokred.apply(model, *reducers)
     with torch.no_grad():
         model(batch)
     trace = tokred.last_trace(model)

@@ -1,4 +1,5 @@
 """Reducers: small config objects plus pure algorithms on tensors."""
+from tokred.reducers.adjacent import AdjacentMerge
 from tokred.reducers.base import STAGES, Reducer
 from tokred.reducers.baselines import Pool, Random, grid_pooling, random_keep
 from tokred.reducers.dart import DART
@@ -8,5 +9,5 @@ from tokred.reducers.pitome import PiToMe, energy_matching
 from tokred.reducers.thresholds import Thresholds, threshold_plan
 from tokred.reducers.tome import ToMe, bipartite_soft_matching
 
-__all__ = ["DART", "STAGES", "DivPrune", "FastV", "PiToMe", "Pool", "Random", "Reducer", "Thresholds", "ToMe", "bipartite_soft_matching",
+__all__ = ["DART", "AdjacentMerge", "STAGES", "DivPrune", "FastV", "PiToMe", "Pool", "Random", "Reducer", "Thresholds", "ToMe", "bipartite_soft_matching",
            "energy_matching", "grid_pooling", "random_keep", "threshold_plan"]
