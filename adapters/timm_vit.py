@@ -7,12 +7,15 @@ all prefix tokens (class, distillation, registers) are protected and stay in fro
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tokred.adapters.base import Adapter, restore_class, swap_class
-from tokred.engine import Heads, TokenRun, VisionStage, log_weights
+from tokred.engine import VisionStage, log_weights, weighted_mean
+from tokred.signals import Heads
 from tokred.flops import FlopsReport, LayerCosts, add_block_flops, attention_flops, conv_flops, linear_flops
 from tokred.reducers.base import Reducer
 from tokred.trace import Trace
@@ -46,11 +49,16 @@ def attention_with_heads(attn: nn.Module, x: Tensor, bias: Tensor | None, need_h
     return x, (Heads(q, k, attn.scale, bias) if need_heads else None)
 
 
+def _mask_kwargs(attn_mask: Tensor | None, is_causal: bool) -> dict:
+    """``Block.forward``'s mask arguments; ``is_causal`` only when set (timm < 1.0.26 has no such argument)."""
+    return {"attn_mask": attn_mask, "is_causal": True} if is_causal else {"attn_mask": attn_mask}
+
+
 class _BlockMixin:
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         adapter = self._tokred_adapter
         if adapter.stage.run is None:  # called outside VisionTransformer.forward_features
-            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+            return super().forward(x, **_mask_kwargs(attn_mask, is_causal))
         return adapter.block_forward(self, x, attn_mask, is_causal)
 
 
@@ -63,7 +71,7 @@ class _ViTMixin:
         except BaseException:
             adapter.stage.abort()
             raise
-        adapter.end()
+        adapter.end(out)
         return out
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
@@ -71,10 +79,10 @@ class _ViTMixin:
         return super().forward_head(x, pre_logits=pre_logits)
 
     def pool(self, x: Tensor, pool_type: str | None = None) -> Tensor:
-        run = self._tokred_adapter.stage.last_run
-        if run is None or run.size is None or x.shape[1] != run.size.shape[1]:
+        size = self._tokred_adapter.sizes_of(x)
+        if size is None:
             return super().pool(x, pool_type)
-        return self._tokred_adapter.weighted_pool(x, pool_type, run)
+        return self._tokred_adapter.weighted_pool(x, pool_type, size)
 
 
 class TimmViTAdapter(Adapter):
@@ -109,6 +117,8 @@ class TimmViTAdapter(Adapter):
         self.num_prefix = model.num_prefix_tokens
         self.stage = VisionStage(reducers.get("vision"), len(model.blocks), self.num_prefix)
         self.head_mode: str | None = None
+        #: id(features) -> (weak reference to the features forward_features returned, their sizes or None)
+        self.feature_sizes: dict[int, tuple[weakref.ref, Tensor | None]] = {}
 
     # patching -----------------------------------------------------------------------------
     def patch(self) -> None:
@@ -134,8 +144,37 @@ class TimmViTAdapter(Adapter):
         self.stage.begin(images.shape[0], grid)
         self.head_mode = None
 
-    def end(self) -> None:
+    def end(self, features: Tensor) -> None:
         self.trace = self.stage.end()
+        self.remember_sizes(features, self.stage.last_run.size)
+
+    def remember_sizes(self, features: Tensor, size: Tensor | None) -> None:
+        """Keep ``size`` (B, N, 1) for as long as ``features`` lives, so that ``forward_head`` pools
+        them with their own sizes even after later forwards."""
+        table, key = self.feature_sizes, id(features)
+
+        def forget(ref: weakref.ref) -> None:
+            if table.get(key, (None,))[0] is ref:
+                del table[key]
+
+        table[key] = (weakref.ref(features, forget), size)
+
+    def sizes_of(self, features: Tensor) -> Tensor | None:
+        """Sizes of the tokens of ``features`` (None: each stands for one patch) for pooling.
+
+        Raises ``ValueError`` for a tensor that ``forward_features`` did not return (a copy, a
+        computed tensor) when it has as many tokens as the last forward's merged ones: their
+        sizes cannot be known, and pooling them as if each were one patch would be wrong.
+        """
+        entry = self.feature_sizes.get(id(features))
+        if entry is not None and entry[0]() is features:
+            return entry[1]
+        run = self.stage.last_run
+        if run is not None and run.size is not None and features.dim() == 3 and features.shape[1] == run.size.shape[1]:
+            raise ValueError(f"forward_head got {features.shape[1]} tokens that are not the tensor forward_features "
+                             "returned (a copy or a computed tensor?) while the last forward merged tokens, so their "
+                             "sizes are unknown; pass forward_head the tensor forward_features returned")
+        return None
 
     def block_forward(self, block: nn.Module, x: Tensor, attn_mask: Tensor | None, is_causal: bool) -> Tensor:
         if (attn_mask is not None or is_causal) and self.stage.reducer is not None:
@@ -149,19 +188,20 @@ class TimmViTAdapter(Adapter):
         return self.stage.block(
             block._tokred_layer, x, attend,
             feed_forward=lambda x: block.drop_path2(block.ls2(block.mlp(block.norm2(x)))),
-            original=lambda x: _original(type(block)).forward(block, x, attn_mask=attn_mask, is_causal=is_causal))
+            original=lambda x: _original(type(block)).forward(block, x, **_mask_kwargs(attn_mask, is_causal)))
 
-    def weighted_pool(self, x: Tensor, pool_type: str | None, run: TokenRun) -> Tensor:
-        """The model's pooling with every token weighted by how many patches it stands for."""
+    def weighted_pool(self, x: Tensor, pool_type: str | None, size: Tensor) -> Tensor:
+        """The model's pooling with every token weighted by its ``size`` (B, N, 1), the number of
+        patches it stands for."""
         model = self.model
         start = 0 if model.pool_include_prefix else self.num_prefix
         if model.attn_pool is not None:
-            return model.attn_pool(x[:, start:], attn_mask=log_weights(run.size[:, start:, 0])[:, None, None, :])
+            return model.attn_pool(x[:, start:], attn_mask=log_weights(size[:, start:, 0])[:, None, None, :])
         pool_type = model.global_pool if pool_type is None else pool_type
         if pool_type in ("token", ""):
             return _original(type(model)).pool(model, x, pool_type)  # sizes do not matter
-        mean = run.weighted_mean(x, start)
-        largest = x[:, start:].masked_fill(run.size[:, start:] == 0, -torch.inf).amax(dim=1)  # padding never wins
+        mean = weighted_mean(x, size, start)
+        largest = x[:, start:].masked_fill(size[:, start:] == 0, -torch.inf).amax(dim=1)  # padding never wins
         return {"avg": mean, "avgmax": 0.5 * (largest + mean), "max": largest}[pool_type]
 
     # FLOPs --------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 import tokred
-from tokred.engine import Signal
+from tokred.signals import Signal
 
 CASES = {
     "224": dict(model="vit_base_patch16_224", size=224, batch=8,

@@ -47,6 +47,7 @@ import torch
 from tqdm import tqdm
 
 import tokred
+from tokred.decoder import LanguageModelEngine
 
 # model shapes ------------------------------------------------------------------------------------------
 
@@ -202,9 +203,10 @@ def configure(model, spec: Spec) -> None:
         tokred.remove(model)
         return
     tokred.apply(model, timed_reducer(spec.reducer))
-    if spec.reducer.needs_last_attention:  # FastV: the adapter's attention row is part of its selection
-        adapter = model.__dict__["_tokred_adapter"]
-        adapter._last_attention = SELECTION.wrap(adapter._last_attention)
+
+
+# FastV's attention row, computed by the language-model engine, is part of its selection time
+LanguageModelEngine.last_attention = SELECTION.wrap(LanguageModelEngine.last_attention)
 
 
 # one run -----------------------------------------------------------------------------------------------

@@ -68,3 +68,55 @@ def test_every_reducer_runs(name, reducer, batch):
     assert final[:, :prefix].eq(torch.arange(prefix)).all()  # protected tokens stay first
     if not isinstance(reducer, (tokred.Random, tokred.Thresholds)):  # nothing pruned: every patch is covered
         assert (final >= 0).all() and trace.sizes.sum(1).eq(64 + prefix).all()
+
+
+def _widest_keeps_all(traces) -> bool:
+    """Some block where the image with the most tokens keeps them all and another image loses some
+    (run alone): the batch is then no narrower there, only its narrower images change."""
+    for records in zip(*(trace.layers for trace in traces)):
+        widest = max(records, key=lambda record: record.tokens_in)
+        if widest.removed == 0 and any(record.removed for record in records):
+            return True
+    return False
+
+
+@pytest.mark.parametrize("reducer", [tokred.Thresholds(merge=0.9), tokred.Thresholds(merge=0.9, prune=0.6)],
+                         ids=["merge", "merge_prune"])
+@pytest.mark.parametrize("name", MODELS)
+def test_per_token_reducer_batch_equals_images_alone(name, reducer):
+    """A noise image keeps all its tokens while a constant one merges (and prunes) most of them:
+    in a batch each image is reduced as if alone, and the trace counts each image's tokens."""
+    build, run, _ = MODELS[name]
+    model = tokred.apply(build(), reducer)
+    torch.manual_seed(0)
+    images = torch.cat([torch.randn(1, 3, 32, 32), torch.full((1, 3, 32, 32), 0.5)])
+    with torch.no_grad():
+        batched = run(model, images)
+        trace = tokred.last_trace(model)
+        alone, traces = [], []
+        for i in range(2):
+            alone.append(run(model, images[i:i + 1]))
+            traces.append(tokred.last_trace(model))
+    assert _widest_keeps_all(traces)
+    torch.testing.assert_close(batched, torch.cat(alone), atol=1e-5, rtol=1e-4)
+    per_image = [record.tokens_per_image or [record.tokens_out] * 2 for record in trace.layers]
+    assert [list(counts) for counts in zip(*per_image)] == [t.tokens() for t in traces]
+    assert trace.tokens() == [max(counts) for counts in per_image]
+
+
+@pytest.mark.parametrize("reducer", [tokred.ToMe(r=6), tokred.PiToMe(keep=0.8),
+                                     tokred.Thresholds(merge=0.3, prune=0.7)], ids=lambda r: type(r).__name__)
+@pytest.mark.parametrize("name", MODELS)
+def test_non_finite_signal_is_refused_and_the_model_stays_usable(name, reducer, batch):
+    build, run, _ = MODELS[name]
+    model = tokred.apply(build(), reducer)
+    with torch.no_grad():
+        want = run(model, batch)
+        bad = batch.clone()
+        bad[1, 0, 5, 7] = float("nan")
+        message = f"^{type(reducer).__name__}: .*non-finite.*attention keys of vision block 0"
+        with pytest.raises(ValueError, match=message):
+            run(model, bad)
+        assert model._tokred_adapter.vision_stage.run is None  # the failed forward left no half-done run
+        assert torch.equal(run(model, batch), want)
+        assert tokred.last_trace(model).batch_size == 2 and tokred.last_trace(model).tokens()[-1] < 64

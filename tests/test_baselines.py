@@ -84,11 +84,21 @@ def test_identities(reducer, images):
 @pytest.mark.parametrize("make,match", [
     (lambda: Random(keep=0), "keep"), (lambda: Random(keep=1.2), "keep"), (lambda: Random(layer=-1), "layer"),
     (lambda: Random(seed=1.5), "seed"), (lambda: Pool(stride=0), "stride"), (lambda: Pool(stride=(2, 2, 2)), "stride"),
-    (lambda: Pool(layer=True), "layer"),
+    (lambda: Pool(layer=True), "layer"), (lambda: Pool(stride=(2,)), r"\(rows, cols\) pair"),
+    (lambda: Pool(stride=(2, 0)), "stride"), (lambda: Pool(stride=[2, 2]), "stride"),
+    (lambda: Random(seed=2**64), r"\[0, 2\*\*64 - 1\]"), (lambda: Random(seed=-1), "seed"),
 ])
 def test_bad_parameters(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def test_the_largest_seed_runs(images):
+    model = tokred.apply(tiny_vit(), Random(keep=0.5, seed=2**64 - 1))
+    with torch.no_grad():
+        first = model(images)
+        assert torch.equal(model(images), first)  # reseeded at every forward
+    assert tokred.last_trace(model).tokens() == [33] * 4
 
 
 @pytest.mark.parametrize("reducer", [Random(layer=4), Pool(layer=9)])

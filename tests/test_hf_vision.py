@@ -107,7 +107,8 @@ def tome_merge(schedule):
 
 def pitome_merge(keep, depth):
     def merge(layer, keys, x, size, protected):
-        r = math.floor(x.shape[0] - x.shape[0] * keep)
+        unprotected = x.shape[0] - protected  # PiToMe counts no class token
+        r = math.floor(unprotected - unprotected * keep)
         margin = 0.75 - 0.75 * layer / depth
         return brute_force_pitome(keys, x, size, r, protected, margin, protect_low_energy=layer >= math.ceil(depth / 2))
     return merge

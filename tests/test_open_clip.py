@@ -195,10 +195,10 @@ def test_pitome_runs_and_sizes_add_up(name, images):
         out = model.encode_image(images)
     assert out.shape == (3, 32) and torch.isfinite(out).all()
     trace = tokred.last_trace(model)
-    expected, tokens = [], 65
-    for _ in range(3):  # every block removes floor(T - T * keep) tokens
-        tokens -= math.floor(tokens - tokens * 0.8)
-        expected.append(tokens)
+    expected, patches = [], 64
+    for _ in range(3):  # every block removes floor(T - T * keep) tokens, T not counting the class token
+        patches -= math.floor(patches - patches * 0.8)
+        expected.append(1 + patches)
     assert trace.tokens() == expected
     assert trace.sizes.sum(1).eq(65).all() and trace.sizes[:, 0].eq(1).all()
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import tokred
-from tokred.engine import Signal
+from tokred.signals import Signal
 from helpers import brute_force_pitome, tiny_vit
 from tokred.plan import follow
 from tokred.reducers.pitome import PiToMe, default_margin, energy_matching, energy_scores
@@ -54,7 +54,8 @@ def test_low_energy_tokens_are_protected():
 def test_reducer_schedule_and_variants():
     pitome = PiToMe(keep=0.9)
     signals = [Signal(torch.zeros(1, n, 4), None, 1, None) for n in (197, 100, 10)]
-    assert [pitome.removes(0, 12, signal) for signal in signals] == [19, 10, 1]
+    # T counts the tokens after the class token: floor(196 - 176.4), floor(99 - 89.1), floor(9 - 8.1)
+    assert [pitome.removes(0, 12, signal) for signal in signals] == [19, 9, 0]
     assert [pitome.protects_at(layer, 12) for layer in (0, 5, 6, 11)] == [False, False, True, True]
     assert [pitome.protects_at(layer, 7) for layer in (3, 4)] == [False, True]  # ceil(7 / 2) = 4 plain layers
     assert pitome.margin_at(6, 12) == default_margin(6, 12) == 0.375
@@ -84,12 +85,22 @@ def test_model_matches_reference(overrides, images):
         got = tokred.apply(model, reducer)(images)
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
     trace = tokred.last_trace(model)
-    expected, n = [], 64 + model.num_prefix_tokens
+    expected, prefix, n = [], model.num_prefix_tokens, 64
     for _ in range(4):
-        n -= min(math.floor(n - n * 0.8), (n - model.num_prefix_tokens) // 2)
-        expected.append(n)
+        n -= min(math.floor(n - n * 0.8), n // 2)
+        expected.append(n + prefix)
     assert trace.tokens() == expected
     assert trace.sizes.sum(1).eq(64 + model.num_prefix_tokens).all()
+
+
+@pytest.mark.parametrize("overrides,prefix", [({}, 1), (dict(reg_tokens=3), 4)])
+def test_tokens_per_block_count_only_the_unprotected_tokens(overrides, prefix, images):
+    """r = floor(T - 0.8 T) with T the patch tokens entering the block (64, 52, 42, 34), so
+    12, 10, 8, 6 tokens go. Counting the class token too would give floor(65 - 52) = 13 first."""
+    model = tokred.apply(tiny_vit(**overrides), PiToMe(keep=0.8))
+    with torch.no_grad():
+        model(images)
+    assert tokred.last_trace(model).tokens() == [prefix + n for n in (52, 42, 34, 28)]
 
 
 def test_keep_one_is_bit_identical(images):

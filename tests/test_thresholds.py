@@ -7,7 +7,7 @@ import torch
 
 import tokred
 from helpers import tiny_vit
-from tokred.engine import Heads, Signal
+from tokred.signals import Heads, Signal
 from tokred.plan import follow
 from tokred.reducers.thresholds import Thresholds, threshold_plan
 
@@ -156,3 +156,26 @@ def test_an_image_without_protected_tokens_keeps_its_most_important_token():
     plan = threshold_plan(signal, merge_threshold=-1.0, prune_threshold=100.0)  # everything would go
     importance = Heads(q, k, 0.5, None).received()
     assert plan.keep.tolist() == importance.argmax(dim=1, keepdim=True).tolist()
+
+
+def test_an_empty_batch_gives_an_empty_output_like_the_unpatched_model():
+    model = tiny_vit()
+    empty = torch.zeros(0, 3, 32, 32)
+    with torch.no_grad():
+        want = model(empty)
+        got = tokred.apply(model, Thresholds(merge=0.3, prune=0.7))(empty)
+        assert got.shape == want.shape == (0, 7)
+        assert tokred.last_trace(model).tokens() == [65] * 4  # nothing to reduce
+        images = torch.randn(2, 3, 32, 32)
+        assert model(images).shape == (2, 7)  # still usable
+    q = k = torch.zeros(0, 2, 9, 4)
+    plan = threshold_plan(Signal(torch.zeros(0, 9, 4), k.mean(1), 1, None, Heads(q, k, 0.5, None), None), 0.3, 0.7)
+    assert plan.keep.shape == (0, 9) and not plan.merges and not plan.padded
+
+
+def test_overflowing_importance_is_refused():
+    """float16 logits overflow to inf, so the softmax and the importance become NaN: refused, not ranked."""
+    q = k = torch.full((1, 2, 5, 4), 200.0, dtype=torch.float16)  # q.k = 160000 > float16's largest, 65504
+    signal = Signal(torch.zeros(1, 5, 4, dtype=torch.float16), k.mean(1), 1, None, Heads(q, k, 1.0, None), None)
+    with pytest.raises(ValueError, match="^Thresholds: .*non-finite.*importance"):
+        threshold_plan(signal, 0.3, 0.7)

@@ -211,6 +211,35 @@ def test_cap_is_noted_in_the_trace(images):
     assert len(trace.notes) == 2 and "capped at 32" in trace.notes[0] and "capped at 16" in trace.notes[1]
 
 
+@pytest.mark.parametrize("overrides", [dict(class_token=False, global_pool="avg"), dict(global_pool="avgmax"),
+                                       dict(global_pool="map", class_token=False)])
+@pytest.mark.parametrize("reducer", [tokred.ToMe(r=8), tokred.Thresholds(merge=0.3, prune=0.7)],
+                         ids=["tome", "thresholds"])
+def test_forward_head_pools_features_with_their_own_sizes(overrides, reducer):
+    """Features of an earlier forward_features call keep their token sizes for forward_head,
+    whatever forward ran in between."""
+    model = tokred.apply(tiny_vit(**overrides), reducer)
+    torch.manual_seed(4)
+    first, second = torch.randn(2, 3, 32, 32), torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        want = model(first)
+        features = model.forward_features(first)
+        model.forward_features(second)
+        torch.testing.assert_close(model.forward_head(features), want)
+        torch.testing.assert_close(model.forward_head(model.forward_features(second)), model(second))
+
+
+def test_forward_head_refuses_features_whose_sizes_it_cannot_know(images):
+    model = tokred.apply(tiny_vit(class_token=False, global_pool="avg"), tokred.ToMe(r=8))
+    with torch.no_grad():
+        features = model.forward_features(images)
+        with pytest.raises(ValueError, match="not the tensor forward_features returned"):
+            model.forward_head(features.clone())
+        assert torch.equal(model.forward_head(features), model(images))
+        unreduced = torch.randn(3, 64, 48)  # as many tokens as no reduction leaves: each is one patch
+        torch.testing.assert_close(model.forward_head(unreduced), tokred.remove(model).forward_head(unreduced))
+
+
 # bad input -------------------------------------------------------------------------------------
 
 def _assert_untouched(model, images, want):

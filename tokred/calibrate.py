@@ -17,7 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from tokred.api import _adapter
-from tokred.engine import Signal, VisionStage, log_weights
+from tokred.engine import VisionStage, log_weights
+from tokred.signals import Signal
 from tokred.flops import LayerCosts
 from tokred.reducers.thresholds import Thresholds, last_token_guard, token_scores
 

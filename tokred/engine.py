@@ -9,82 +9,32 @@ the block for pruning baselines, between attention and MLP for merging.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from tokred.plan import Plan, follow
-from tokred.reducers.base import Reducer
+from tokred.reducers.base import Reducer, check_finite
+from tokred.signals import Heads, Signal
 from tokred.trace import LayerRecord, Trace
-
-@dataclass
-class Heads:
-    """Per-head queries and keys of one attention call, for reducers that need more than keys."""
-
-    q: Tensor  # (B, H, N, D), after any q/k normalisation
-    k: Tensor  # (B, H, N, D)
-    scale: float
-    bias: Tensor | None  # the additive bias the attention used, (B, 1, 1, N)
-
-    def mean_keys(self) -> Tensor:
-        return self.k.mean(dim=1)
-
-    def received(self, weights: Tensor | None = None, chunk: int = 256) -> Tensor:
-        """(B, N) attention each token receives, averaged over heads and (``weights``-weighted) queries.
-
-        Computed over chunks of queries from the logits and their log-sum-exp, so at most
-        chunk x N logits per head exist at a time, never the full N x N attention matrix. Costs
-        one extra QK^T (see :meth:`flops`).
-        """
-        batch, heads, num_tokens, _ = self.q.shape
-        total = self.q.new_zeros(batch, heads, num_tokens)
-        for start in range(0, num_tokens, chunk):
-            logits = (self.q[:, :, start:start + chunk] * self.scale) @ self.k.transpose(-1, -2)
-            if self.bias is not None:
-                logits = logits + self.bias
-            probs = (logits - logits.logsumexp(dim=-1, keepdim=True)).exp()
-            if weights is not None:
-                probs = probs * weights[:, None, start:start + chunk, None]
-            total = total + probs.sum(dim=2)
-        count = num_tokens if weights is None else weights.sum(dim=1)[:, None]
-        return total.mean(dim=1) / count
-
-    def flops(self) -> int:
-        """FLOPs of :meth:`received`: one QK^T."""
-        batch, heads, num_tokens, dim = self.q.shape
-        return 2 * batch * heads * num_tokens * num_tokens * dim
-
 
 #: attend(x, bias, need_signal) -> (residual update, Heads or keys averaged over heads, or None)
 Attend = Callable[[Tensor, Tensor | None, bool], tuple[Tensor, "Heads | Tensor | None"]]
-
-
-@dataclass
-class Signal:
-    """What a vision-stage reducer may look at when it plans.
-
-    Attributes:
-        tokens: (B, N, C) hidden states at the hook point.
-        keys: (B, N, D) attention keys averaged over heads (for reducers acting after attention).
-        num_protected: leading tokens (class, distillation, registers) that must survive.
-        grid: (rows, cols) of the patch tokens while they are still the full grid, else None.
-        heads: per-head queries and keys, when the adapter provides them.
-        sizes: (B, N, 1) token sizes once tokens were merged or padded (0 marks padding), else None.
-    """
-
-    tokens: Tensor
-    keys: Tensor | None
-    num_protected: int
-    grid: tuple[int, int] | None
-    heads: Heads | None = None
-    sizes: Tensor | None = None
 
 
 def log_weights(weights: Tensor) -> Tensor:
     """log of token weights (sizes) for an additive attention mask: weight 0 gives a finite, hugely
     negative value (the token is invisible) whose gradient stays finite."""
     return weights.clamp_min(torch.finfo(weights.dtype).tiny).log()
+
+
+def weighted_mean(x: Tensor, size: Tensor | None, start: int) -> Tensor:
+    """Mean of the tokens ``start:`` of ``x`` (B, N, C) weighted by ``size`` (B, N, 1); a plain mean
+    when ``size`` is None (no token was merged or padded)."""
+    if size is None:
+        return x[:, start:].mean(dim=1)
+    size = size[:, start:]
+    return (x[:, start:] * size).sum(dim=1) / size.sum(dim=1)
 
 
 class TokenRun:
@@ -122,10 +72,7 @@ class TokenRun:
 
     def weighted_mean(self, x: Tensor, start: int) -> Tensor:
         """Mean of tokens ``start:`` weighted by size (a plain mean while no token was merged)."""
-        if self.size is None:
-            return x[:, start:].mean(dim=1)
-        size = self.size[:, start:]
-        return (x[:, start:] * size).sum(dim=1) / size.sum(dim=1)
+        return weighted_mean(x, self.size, start)
 
 
 class VisionStage:
@@ -158,16 +105,26 @@ class VisionStage:
         return Signal(x, keys, self.num_prefix, None if self.run.reduced else self.run.trace.grid, heads,
                       self.run.size)
 
+    def _check_finite(self, layer: int, signal: Signal) -> None:
+        """A ``ValueError`` naming the reducer if the keys or queries it would rank tokens by hold NaN
+        or infinity (reducers acting before the block, which look at no values, are not checked)."""
+        name = type(self.reducer).__name__
+        if signal.keys is not None:
+            check_finite(name, f"the attention keys of {self.stage} block {layer}", signal.keys)
+        if signal.heads is not None:
+            check_finite(name, f"the attention queries of {self.stage} block {layer}", signal.heads.q)
+
     def _reduce(self, layer: int, x: Tensor, attention: Heads | Tensor | None, record: LayerRecord,
                 requested: int) -> Tensor:
         run, reducer = self.run, self.reducer
         signal = self._signal(x, attention)
+        self._check_finite(layer, signal)
         plan = reducer.plan(layer, self.depth, signal)
         removed = plan.num_inputs - plan.num_outputs
         if removed < requested and not reducer.decides_per_token:
             run.trace.notes.append(f"{self.stage} block {layer}: asked to remove {requested} tokens, capped at "
                                    f"{removed} (only {plan.num_inputs} tokens, {self.num_prefix} protected)")
-        if not removed:
+        if not (removed or plan.merges or plan.padded):  # a padded plan changes images narrower than the widest
             return x
         if signal.keys is not None:
             record.reducer_flops += reducer.overhead_flops(signal)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 
@@ -30,4 +31,63 @@ class SequenceSignal:
     prompt: Tensor
     keys: Tensor | None = None
     last_attention: Tensor | None = None
+    sizes: Tensor | None = None
+
+
+@dataclass
+class Heads:
+    """Per-head queries and keys of one attention call, for reducers that need more than keys."""
+
+    q: Tensor  # (B, H, N, D), after any q/k normalisation
+    k: Tensor  # (B, H, N, D)
+    scale: float
+    bias: Tensor | None  # the additive bias the attention used, (B, 1, 1, N)
+
+    def mean_keys(self) -> Tensor:
+        return self.k.mean(dim=1)
+
+    def received(self, weights: Tensor | None = None, chunk: int = 256) -> Tensor:
+        """(B, N) attention each token receives, averaged over heads and (``weights``-weighted) queries.
+
+        Computed over chunks of queries from the logits and their log-sum-exp, so at most
+        chunk x N logits per head exist at a time, never the full N x N attention matrix. Costs
+        one extra QK^T (see :meth:`flops`).
+        """
+        batch, heads, num_tokens, _ = self.q.shape
+        total = self.q.new_zeros(batch, heads, num_tokens)
+        for start in range(0, num_tokens, chunk):
+            logits = (self.q[:, :, start:start + chunk] * self.scale) @ self.k.transpose(-1, -2)
+            if self.bias is not None:
+                logits = logits + self.bias
+            probs = (logits - logits.logsumexp(dim=-1, keepdim=True)).exp()
+            if weights is not None:
+                probs = probs * weights[:, None, start:start + chunk, None]
+            total = total + probs.sum(dim=2)
+        count = num_tokens if weights is None else weights.sum(dim=1)[:, None]
+        return total.mean(dim=1) / count
+
+    def flops(self) -> int:
+        """FLOPs of :meth:`received`: one QK^T."""
+        batch, heads, num_tokens, dim = self.q.shape
+        return 2 * batch * heads * num_tokens * num_tokens * dim
+
+
+@dataclass
+class Signal:
+    """What a vision-stage reducer may look at when it plans.
+
+    Attributes:
+        tokens: (B, N, C) hidden states at the hook point.
+        keys: (B, N, D) attention keys averaged over heads (for reducers acting after attention).
+        num_protected: leading tokens (class, distillation, registers) that must survive.
+        grid: (rows, cols) of the patch tokens while they are still the full grid, else None.
+        heads: per-head queries and keys, when the adapter provides them.
+        sizes: (B, N, 1) token sizes once tokens were merged or padded (0 marks padding), else None.
+    """
+
+    tokens: Tensor
+    keys: Tensor | None
+    num_protected: int
+    grid: tuple[int, int] | None
+    heads: Heads | None = None
     sizes: Tensor | None = None

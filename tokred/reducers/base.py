@@ -8,7 +8,7 @@ from tokred.plan import Plan
 if TYPE_CHECKING:
     from torch import Tensor
 
-    from tokred.engine import Signal
+    from tokred.signals import Signal
     from tokred.signals import SequenceSignal
 
 STAGES = ("vision", "projector", "llm")

@@ -18,7 +18,11 @@ from tokred.plan import Plan
 from tokred.reducers.base import Reducer, check_fraction, check_positions
 
 if TYPE_CHECKING:
-    from tokred.engine import Signal
+    from tokred.signals import Signal
+
+
+#: the largest seed torch.Generator.manual_seed takes (an unsigned 64-bit integer)
+MAX_SEED = 2**64 - 1
 
 
 def _check_layer(layer) -> None:
@@ -75,7 +79,8 @@ class Random(Reducer):
     Args:
         keep: fraction in (0, 1] of the non-prefix tokens kept (at least one is kept).
         layer: the block before which tokens are pruned (``vision`` stage).
-        seed: seed of the generator, reset at every forward, so a forward is reproducible.
+        seed: seed of the generator (an int in [0, 2**64 - 1]), reset at every forward, so a forward is
+            reproducible.
         stage: ``"vision"`` or ``"projector"`` (each image's visual tokens before the language model).
         positions: ``projector`` stage: ``"renumber"`` or ``"keep"`` the language model's position ids.
     """
@@ -92,8 +97,9 @@ class Random(Reducer):
         check_fraction("keep", self.keep)
         _check_layer(self.layer)
         _check_stage(self.stage, self.positions)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an int, got {self.seed!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed must be an int in [0, 2**64 - 1] (what torch.Generator.manual_seed takes), "
+                             f"got {self.seed!r}")
 
     def check(self, num_layers: int) -> None:
         _check_layer_fits(self.layer, num_layers)
@@ -140,9 +146,9 @@ class Pool(Reducer):
     where = "before_block"
 
     def __post_init__(self):
-        strides = self.stride if isinstance(self.stride, tuple) else (self.stride,)
-        if len(strides) not in (1, 2) or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in strides):
-            raise ValueError(f"stride must be an int >= 1 or a (rows, cols) pair of them, got {self.stride!r}")
+        strides = self.stride if isinstance(self.stride, tuple) and len(self.stride) == 2 else (self.stride,)
+        if any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in strides):
+            raise ValueError(f"stride must be an int >= 1 or a (rows, cols) pair of ints >= 1, got {self.stride!r}")
         _check_layer(self.layer)
         _check_stage(self.stage, self.positions)
 

@@ -19,7 +19,7 @@ from tokred.plan import Plan
 from tokred.reducers.base import Reducer, check_flag, check_fraction
 
 if TYPE_CHECKING:
-    from tokred.engine import Signal
+    from tokred.signals import Signal
 
 
 def energy_scores(metric: Tensor, margin: float, alpha: float = 1.0) -> tuple[Tensor, Tensor]:
@@ -85,7 +85,8 @@ class PiToMe(Reducer):
     """PiToMe in the vision encoder.
 
     Args:
-        keep: each block keeps this fraction of its T tokens, removing r = floor(T - T * keep).
+        keep: each block keeps this fraction of its T unprotected tokens (the class and register
+            tokens are not counted), removing r = floor(T - T * keep).
         margin: energy margin: None for the paper's schedule 0.75 - 0.75 * l / L, a float for a
             constant margin, or one float per block.
         alpha: ELU alpha of the energy score.
@@ -132,7 +133,7 @@ class PiToMe(Reducer):
         return self.protect_low_energy
 
     def removes(self, layer: int, num_layers: int, signal: Signal) -> int:
-        num_tokens = signal.tokens.shape[1]
+        num_tokens = signal.tokens.shape[1] - signal.num_protected  # the reference counts no class token
         return math.floor(num_tokens - num_tokens * self.keep)
 
     def plan(self, layer: int, num_layers: int, signal: Signal) -> Plan:

@@ -20,10 +20,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tokred.plan import Plan
-from tokred.reducers.base import Reducer, check_flag
+from tokred.reducers.base import Reducer, check_finite, check_flag
 
 if TYPE_CHECKING:
-    from tokred.engine import Signal
+    from tokred.signals import Signal
 
 
 def token_scores(signal: Signal) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -44,6 +44,7 @@ def token_scores(signal: Signal) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor
         batch, num_tokens, dtype=torch.bool)
     weights = alive.to(heads.q.dtype)
     importance = heads.received(weights) * weights.sum(dim=1, keepdim=True)
+    check_finite("Thresholds", "the importance (attention received; its logits can overflow)", importance)
     rank = alive.long().cumsum(dim=1) - 1
     candidate = alive & (rank >= protected)
     is_a, is_b = candidate & (rank % 2 == 0), candidate & (rank % 2 == 1)
@@ -80,7 +81,9 @@ def threshold_plan(signal: Signal, merge_threshold: float, prune_threshold: floa
     pruned, merged = pruned & ~spared, merged & ~spared
     survives = alive & ~pruned & ~merged
     counts, merge_counts = survives.sum(dim=1), merged.sum(dim=1)
-    width, num_merged = int(counts.max()), int(merge_counts.max())
+    # the widest image sets the width; an empty batch (no image) keeps every position and merges nothing
+    width = int(counts.max()) if counts.numel() else num_tokens
+    num_merged = int(merge_counts.max()) if merge_counts.numel() else 0
     keep = torch.where(survives, positions, num_tokens).sort(dim=1).values[:, :width]  # survivors first, in order
     src = torch.where(merged, positions, num_tokens).sort(dim=1).values[:, :num_merged]
     output_position = survives.long().cumsum(dim=1) - 1

@@ -16,7 +16,7 @@ from tokred.reducers.base import Reducer, check_flag
 from tokred.schedule import check_schedule, per_layer
 
 if TYPE_CHECKING:
-    from tokred.engine import Signal
+    from tokred.signals import Signal
 
 
 def bipartite_soft_matching(metric: Tensor, r: int, num_protected: int = 0) -> Plan:
