@@ -90,7 +90,14 @@ def additive_mask(key_valid: Tensor, queries: int, dtype: torch.dtype, key_bias:
 # positions ------------------------------------------------------------------------------------------
 
 class Rotary1D:
-    """1-D rotary positions (LLaVA's Llama / Qwen2 language models): one position id per token."""
+    """1-D rotary positions (LLaVA's Llama / Qwen2 language models): one position id per token, (B, L)."""
+
+    #: what ``positions=None`` on a reducer means for this scheme
+    default_convention = "renumber"
+
+    def convention(self, requested: str | None, model: str = "this model") -> str:
+        """The position convention to use for a reducer's ``positions`` option (None: the scheme's default)."""
+        return self.default_convention if requested is None else requested
 
     @staticmethod
     def prompt(valid: Tensor, position_ids: Tensor | None) -> Tensor:
@@ -102,8 +109,7 @@ class Rotary1D:
         """(B,) position of the token after the last real one."""
         return torch.where(valid, positions, -1).amax(dim=1) + 1
 
-    @staticmethod
-    def renumber(valid: Tensor) -> tuple[Tensor, Tensor]:
+    def renumber(self, valid: Tensor) -> tuple[Tensor, Tensor]:
         """Contiguous positions of the real tokens after a plan, and the next position."""
         return (valid.long().cumsum(dim=1) - 1).clamp(min=0), valid.sum(dim=1)
 
@@ -111,6 +117,60 @@ class Rotary1D:
     def decode(next_position: Tensor, queries: int) -> Tensor:
         """(B, queries) positions of the new tokens of a decode step."""
         return next_position[:, None] + torch.arange(queries, device=next_position.device)
+
+    @staticmethod
+    def rotary(positions: Tensor) -> Tensor:
+        """What the language model's ``rotary_emb`` takes."""
+        return positions
+
+    @staticmethod
+    def layer_positions(positions: Tensor) -> Tensor | None:
+        """What the decoder layers take as ``position_ids``."""
+        return positions
+
+
+class MRoPE(Rotary1D):
+    """3-D multimodal rotary positions (Qwen2-VL / Qwen2.5-VL): (t, h, w) per token, stored (B, L, 3).
+
+    Removing visual tokens keeps every survivor's original (t, h, w) (``"keep"``, the default): the
+    text after an image starts at the same position however many of its tokens remain, so gaps
+    appear only inside the image's own grid. ``"renumber"`` has no faithful meaning here (it would
+    flatten the image's 2-D layout and move the text) and is refused.
+    """
+
+    default_convention = "keep"
+
+    def convention(self, requested: str | None, model: str = "this model") -> str:
+        if requested == "renumber":
+            self.renumber(None, model)
+        return super().convention(requested, model)
+
+    @staticmethod
+    def prompt(valid: Tensor, position_ids: Tensor | None) -> Tensor:
+        if position_ids is None or position_ids.dim() != 3 or position_ids.shape[-1] != 3:
+            raise ValueError("M-RoPE prompt positions must be given as (B, L, 3)")
+        return position_ids
+
+    @staticmethod
+    def next_position(positions: Tensor, valid: Tensor) -> Tensor:
+        return torch.where(valid[..., None], positions, -1).amax(dim=(1, 2)) + 1
+
+    def renumber(self, valid: Tensor, model: str = "this model") -> tuple[Tensor, Tensor]:
+        raise ValueError(f"positions='renumber' has no faithful meaning for {model}'s 3-D M-RoPE positions (it "
+                         "would flatten each image's (t, h, w) layout and move the text after it); use "
+                         "positions='keep' (the default here), which keeps every token's original position")
+
+    @staticmethod
+    def decode(next_position: Tensor, queries: int) -> Tensor:
+        return Rotary1D.decode(next_position, queries)[..., None].expand(-1, -1, 3)
+
+    @staticmethod
+    def rotary(positions: Tensor) -> Tensor:
+        return positions.permute(2, 0, 1)  # (3, B, L)
+
+    @staticmethod
+    def layer_positions(positions: Tensor) -> Tensor | None:
+        return None  # the layers use position_ids only for flash-attention packing, never the 3-D tensor
 
 
 # the sequence and its segments ----------------------------------------------------------------------
@@ -133,14 +193,14 @@ class Sequence:
     """The batch of left-padded sequences between plans, aligned token by token."""
 
     hidden: Tensor  # (B, L, C)
-    positions: Tensor  # (B, L) position ids
+    positions: Tensor  # (B, L) position ids, or (B, L, 3) for M-RoPE
     valid: Tensor  # (B, L) real tokens
     visual: Tensor  # (B, L) visual tokens
     prompt: Tensor  # (B, L) tokens decisions may use
     origin: Tensor  # (B, L) 1 + index in the input sequence, 0 for padding
     size: Tensor | None = None  # (B, L, 1) input tokens each token stands for, once tokens merged
 
-    def apply(self, plan: Plan, positions: str, next_position: Tensor, scheme=Rotary1D) -> tuple[Sequence, Tensor]:
+    def apply(self, plan: Plan, positions: str, next_position: Tensor, scheme: Rotary1D) -> tuple[Sequence, Tensor]:
         """The sequence after ``plan`` (a left-padded plan over its tokens, e.g. from
         :func:`sequence_plan`), and the next position id per sample. Merged tokens take the
         size-weighted mean of their hidden states and the position of the token they merge into."""
@@ -187,7 +247,7 @@ class LanguageModelEngine:
     not the one the loop calls).
     """
 
-    def __init__(self, language_model: nn.Module, reducer: Reducer | None, scheme=Rotary1D, name: str = "model"):
+    def __init__(self, language_model: nn.Module, reducer: Reducer | None, scheme: Rotary1D, name: str = "model"):
         for part in ("embed_tokens", "layers", "norm", "rotary_emb"):
             if not hasattr(language_model, part):
                 raise TypeError(f"{name}'s language model ({type(language_model).__name__}) has no `{part}`; "
@@ -216,8 +276,8 @@ class LanguageModelEngine:
     # one segment, one layer -------------------------------------------------------------------------
     def _segment_inputs(self, segment: Segment, hidden: Tensor, queries: int, positions: Tensor) -> None:
         segment.mask = additive_mask(segment.valid, queries, hidden.dtype, segment.log_size)
-        segment.positions = positions
-        segment.position_embeddings = self.language_model.rotary_emb(hidden, positions)
+        segment.positions = self.scheme.layer_positions(positions)
+        segment.position_embeddings = self.language_model.rotary_emb(hidden, self.scheme.rotary(positions))
 
     def _layer(self, i: int, hidden: Tensor, segment: Segment, cache) -> Tensor:
         return self.layers[i](hidden, attention_mask=segment.mask, position_ids=segment.positions,
@@ -280,7 +340,8 @@ class LanguageModelEngine:
         if bool((~kept & ~seq.visual & seq.valid).any()):
             raise RuntimeError(f"{type(reducer).__name__} removed or merged a text token; only visual tokens may go")
         flops += reducer.overhead_flops(signal)
-        seq, next_position = seq.apply(plan, reducer.positions, segment.next_position, self.scheme)
+        seq, next_position = seq.apply(plan, self.scheme.convention(reducer.positions), segment.next_position,
+                                       self.scheme)
         return seq, next_position, flops
 
     def last_attention(self, layer: int, entering: Tensor, segment: Segment, cache, seq: Sequence):

@@ -63,9 +63,11 @@ def keeps_everything(keep: int | float) -> bool:
 
 
 def check_positions(value) -> None:
-    if value not in POSITIONS:
+    """``keep``, ``renumber``, or None (the model family's default: ``renumber`` for 1-D positions,
+    ``keep`` for Qwen2-VL's 3-D M-RoPE)."""
+    if value is not None and value not in POSITIONS:
         raise ValueError(f"positions must be one of {POSITIONS} (keep the original position ids with gaps, or "
-                         f"renumber the remaining tokens contiguously), got {value!r}")
+                         f"renumber the remaining tokens contiguously) or None (the model's default), got {value!r}")
 
 
 def check_decoder_layer(layer) -> None:

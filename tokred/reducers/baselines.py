@@ -82,14 +82,15 @@ class Random(Reducer):
         seed: seed of the generator (an int in [0, 2**64 - 1]), reset at every forward, so a forward is
             reproducible.
         stage: ``"vision"`` or ``"projector"`` (each image's visual tokens before the language model).
-        positions: ``projector`` stage: ``"renumber"`` or ``"keep"`` the language model's position ids.
+        positions: ``projector`` stage: ``"renumber"`` or ``"keep"`` the language model's position ids;
+            None: the model's default (renumber for 1-D positions, keep for Qwen2-VL's M-RoPE).
     """
 
     keep: float = 0.5
     layer: int = 0
     seed: int = 0
     stage: str = "vision"
-    positions: str = "renumber"
+    positions: str | None = None
 
     where = "before_block"
 
@@ -135,13 +136,14 @@ class Pool(Reducer):
             complete there).
         stage: ``"vision"`` or ``"projector"`` (each image's visual tokens before the language model,
             when they still form the patch grid).
-        positions: ``projector`` stage: ``"renumber"`` or ``"keep"`` the language model's position ids.
+        positions: ``projector`` stage: ``"renumber"`` or ``"keep"`` the language model's position ids;
+            None: the model's default (renumber for 1-D positions, keep for Qwen2-VL's M-RoPE).
     """
 
     stride: int | tuple[int, int] = 2
     layer: int = 0
     stage: str = "vision"
-    positions: str = "renumber"
+    positions: str | None = None
 
     where = "before_block"
 

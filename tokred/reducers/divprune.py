@@ -59,11 +59,12 @@ class DivPrune(Reducer):
     Args:
         keep: tokens kept per image: a fraction in (0, 1] (round(keep * N), at least 1) or a count.
         positions: position ids of the remaining tokens in the language model: ``"renumber"``
-            (contiguous, as DivPrune does) or ``"keep"`` (the original positions, with gaps).
+            (contiguous, as DivPrune does), ``"keep"`` (the original positions, with gaps), or None
+            (the model's default: renumber for 1-D positions, keep for Qwen2-VL's 3-D M-RoPE).
     """
 
     keep: int | float
-    positions: str = "renumber"
+    positions: str | None = None
 
     stage = "projector"
 
