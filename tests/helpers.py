@@ -149,3 +149,52 @@ def llava_inputs(model, prompts: list[tuple[list[int], list[int]]], seed: int = 
     input_ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
     attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
     return dict(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, **extra)
+
+
+QWEN_IMAGE, QWEN_START, QWEN_END = 90, 92, 93
+
+
+def tiny_qwen2_vl(kind: str = "qwen2_vl"):
+    """A seeded Qwen2-VL (or Qwen2.5-VL, ``kind="qwen2_5_vl"``) with random weights: a 2-block vision
+    encoder (14 px patches, 2 x 2 merge; 2.5-VL with 56 px windows and block 1 full attention) and
+    a 4-layer language model with grouped-query attention and M-RoPE sections (2, 3, 3)."""
+    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
+                              Qwen2VLForConditionalGeneration)
+
+    torch.manual_seed(0)
+    text = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 3, 3]})
+    ids = dict(image_token_id=QWEN_IMAGE, video_token_id=91, vision_start_token_id=QWEN_START,
+               vision_end_token_id=QWEN_END)
+    if kind == "qwen2_vl":
+        config = Qwen2VLConfig(text_config=text, vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4,
+                                                                    mlp_ratio=2, patch_size=14, spatial_merge_size=2,
+                                                                    temporal_patch_size=2), **ids)
+        model = Qwen2VLForConditionalGeneration(config)
+    else:
+        config = Qwen2_5_VLConfig(text_config=text, vision_config=dict(
+            depth=2, hidden_size=32, out_hidden_size=64, intermediate_size=64, num_heads=4, patch_size=14,
+            spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1]), **ids)
+        model = Qwen2_5_VLForConditionalGeneration(config)
+    model = model.eval()
+    with torch.no_grad():  # non-trivial norm weights, so that a missing norm would show
+        for module in model.modules():
+            if "Norm" in type(module).__name__ and getattr(module, "weight", None) is not None:
+                torch.nn.init.uniform_(module.weight, 0.5, 1.5)
+    return model
+
+
+def qwen_inputs(prompts: list[tuple[list[int], list[int]]], grids: list[list[int]], seed: int = 0) -> dict:
+    """Left-padded Qwen2-VL inputs: one image per sample with grid [t, h, w] (in 14 px patches),
+    ``<vision_start> image tokens <vision_end>`` between the text before and after it."""
+    generator = torch.Generator().manual_seed(seed)
+    grid = torch.tensor(grids)
+    pixel_values = torch.randn(int(grid.prod(dim=-1).sum()), 3 * 2 * 14 * 14, generator=generator)
+    rows = [before + [QWEN_START] + [QWEN_IMAGE] * (t * h * w // 4) + [QWEN_END] + after
+            for (before, after), (t, h, w) in zip(prompts, grids)]
+    width = max(len(r) for r in rows)
+    input_ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+    attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return dict(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, image_grid_thw=grid,
+                mm_token_type_ids=(input_ids == QWEN_IMAGE).int())

@@ -1,0 +1,246 @@
+"""The Qwen2-VL / Qwen2.5-VL adapter on tiny models built in code: identity, cached == uncached
+generation, batch == one by one with images of different sizes, M-RoPE positions, FLOPs, guards
+and bad input."""
+import copy
+
+import pytest
+import torch
+import transformers
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+import tokred
+from helpers import QWEN_END, QWEN_IMAGE, QWEN_START, qwen_inputs, tiny_qwen2_vl
+from tokred.decoder import CompatibilityError
+
+KINDS = ["qwen2_vl", "qwen2_5_vl"]
+PROMPTS = [([5, 6, 7], [8, 9, 10, 11]), ([12], [13, 14])]
+GRIDS = [[1, 8, 6], [1, 4, 4]]  # 12 and 4 merged tokens: images of different sizes
+SUPPRESS = [2, QWEN_IMAGE, 91, QWEN_START, QWEN_END]  # 2: end of sequence
+
+REDUCERS = {
+    "divprune": (tokred.DivPrune(keep=0.5),),
+    "random": (tokred.Random(keep=0.5, stage="projector"),),
+    "pool": (tokred.Pool(stride=2, stage="projector"),),
+    "dart": (tokred.DART(keep=0.5, layer=2, image_pivots=1, text_pivots=2),),
+    "fastv": (tokred.FastV(keep=3, layer=1),),
+    "adjacent": (tokred.AdjacentMerge(keep=0.5, layer=2),),
+    "composed": (tokred.DivPrune(keep=0.75), tokred.FastV(keep=0.5, layer=2)),
+}
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {kind: tiny_qwen2_vl(kind) for kind in KINDS}
+
+
+def greedy_cached(model, inputs, steps):
+    out = model.generate(**inputs, max_new_tokens=steps, do_sample=False, suppress_tokens=SUPPRESS, pad_token_id=0)
+    return out[:, inputs["input_ids"].shape[1]:]
+
+
+def greedy_uncached(model, inputs, steps):
+    """Greedy decoding by re-running the model on the whole sequence at every step (no cache)."""
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    prompt_length = ids.shape[1]
+    for _ in range(steps):
+        call = dict(inputs, input_ids=ids, attention_mask=mask, mm_token_type_ids=(ids == QWEN_IMAGE).int())
+        logits = model(**call, use_cache=False, prompt_length=prompt_length).logits[:, -1]
+        logits[:, SUPPRESS] = -torch.inf
+        ids = torch.cat([ids, logits.argmax(dim=-1, keepdim=True)], dim=1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    return ids[:, prompt_length:]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("reducers", [(), (tokred.DivPrune(keep=1.0),), (tokred.Random(keep=1.0, stage="projector"),),
+                                      (tokred.DART(keep=1.0),), (tokred.FastV(keep=1.0),)], ids=str)
+@torch.no_grad()
+def test_removing_nothing_is_the_unpatched_model(models, kind, reducers):
+    model = models[kind]
+    inputs = qwen_inputs(PROMPTS, GRIDS)
+    reference = model(**inputs).logits
+    reference_tokens = greedy_cached(model, inputs, 4)
+    with tokred.applied(model, *reducers):
+        assert torch.equal(model(**inputs).logits, reference)
+        assert torch.equal(greedy_cached(model, inputs, 4), reference_tokens)
+    assert "forward" not in model.__dict__
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("name", list(REDUCERS))
+@torch.no_grad()
+def test_cached_generation_equals_uncached(models, kind, name):
+    model = models[kind]
+    inputs = qwen_inputs(PROMPTS, GRIDS)
+    with tokred.applied(model, *REDUCERS[name]):
+        cached = greedy_cached(model, inputs, 5)
+        assert torch.equal(cached, greedy_uncached(model, inputs, 5))
+        assert tokred.last_trace(model).tokens("llm")[-1] < inputs["input_ids"].shape[1] + 4
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("name", ["divprune", "dart", "fastv", "adjacent", "composed"])
+@torch.no_grad()
+def test_batch_equals_one_by_one(models, kind, name):
+    model = models[kind]
+    batch = qwen_inputs(PROMPTS, GRIDS, seed=3)
+    with tokred.applied(model, *REDUCERS[name]):
+        logits = model(**batch).logits[:, -1]
+        tokens = greedy_cached(model, batch, 4)
+        patches = 0
+        for i, (prompt, grid) in enumerate(zip(PROMPTS, GRIDS)):
+            single = qwen_inputs([prompt], [grid])
+            count = grid[0] * grid[1] * grid[2]
+            single["pixel_values"] = batch["pixel_values"][patches:patches + count]
+            patches += count
+            torch.testing.assert_close(model(**single).logits[:, -1], logits[i:i + 1], atol=1e-5, rtol=1e-5)
+            assert torch.equal(greedy_cached(model, single, 4), tokens[i:i + 1])
+
+
+def layer_positions(model, inputs, steps=1):
+    """The rotary positions each decoder layer used (cos of the first M-RoPE frequency of each axis
+    section identifies t, h and w) — recorded from what the language model's rotary embedding got."""
+    seen = []
+    rotary = model.model.language_model.rotary_emb
+
+    def hook(module, args):
+        seen.append(args[1].clone())
+
+    handle = rotary.register_forward_pre_hook(hook)
+    try:
+        greedy_cached(model, inputs, steps + 1)
+    finally:
+        handle.remove()
+    return seen
+
+
+@torch.no_grad()
+def test_kept_tokens_keep_their_3d_positions(models):
+    model = models["qwen2_vl"]
+    inputs = qwen_inputs([PROMPTS[0]], [GRIDS[0]])
+    full, _ = model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
+                                         image_grid_thw=inputs["image_grid_thw"])
+    with tokred.applied(model, tokred.DivPrune(keep=4)):
+        seen = layer_positions(model, inputs)
+    prefill, decode = seen[0], seen[1]
+    text = inputs["input_ids"][0] != QWEN_IMAGE
+    image = (~text).nonzero().squeeze(1)
+    assert prefill.shape == (3, 1, int(text.sum()) + 4)
+    # the text keeps its original positions (the text after the image starts where it did unreduced)
+    assert torch.equal(prefill[:, 0, -5:], full[:, 0, text][:, -5:])
+    assert torch.equal(prefill[:, 0, :4], full[:, 0, :4])
+    # every visual survivor is one of the image's original (t, h, w) triples
+    image_positions = {tuple(full[:, 0, i].tolist()) for i in image}
+    start = len(PROMPTS[0][0]) + 1
+    assert all(tuple(prefill[:, 0, start + j].tolist()) in image_positions for j in range(4))
+    # the next token continues after the original last position, as transformers' generate does
+    assert decode[:, 0, -1].tolist() == [int(full.max()) + 1] * 3
+
+
+@torch.no_grad()
+def test_llm_stage_keeps_positions_and_sets_rope_deltas(models):
+    model = models["qwen2_vl"]
+    inputs = qwen_inputs([PROMPTS[0]], [GRIDS[0]])
+    full, deltas = model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
+                                              image_grid_thw=inputs["image_grid_thw"])
+    with tokred.applied(model, tokred.FastV(keep=3, layer=2)):
+        model(**inputs)
+    kept_length = inputs["input_ids"].shape[1] - 12 + 3
+    assert model.model.rope_deltas.tolist() == [[int(full.max()) + 1 - kept_length]]
+
+
+def counted(fn):
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("name", ["none", "divprune", "dart", "fastv", "composed"])
+@torch.no_grad()
+def test_flops_match_the_flop_counter(models, kind, name):
+    model = models[kind]
+    inputs = qwen_inputs(PROMPTS, GRIDS)
+    reducers = () if name == "none" else REDUCERS[name]
+    with tokred.applied(model, *reducers):
+        out = None
+
+        def prefill():
+            nonlocal out
+            out = model(**inputs, use_cache=True)
+
+        measured = counted(prefill)
+        report = tokred.flops(model)
+        assert report.total == measured
+        assert report.stages["vision"] > 0 and report.stages["projector"] > 0
+        token = out.logits[:, -1].argmax(dim=-1, keepdim=True)
+        mask = torch.cat([inputs["attention_mask"], torch.ones_like(token)], dim=1)
+        step = counted(lambda: model(input_ids=token, attention_mask=mask, cache=out.cache,
+                                     position_ids=torch.zeros(4, 2, 1, dtype=torch.long)))
+        assert report.decode_per_token == step
+
+
+# guards and bad input --------------------------------------------------------------------------------
+
+@torch.no_grad()
+def test_images_without_mm_token_type_ids_are_refused(models):
+    model = models["qwen2_vl"]
+    inputs = qwen_inputs(PROMPTS, GRIDS)
+    del inputs["mm_token_type_ids"]
+    with tokred.applied(model, tokred.DivPrune(keep=0.5)):
+        with pytest.raises(ValueError, match="needs mm_token_type_ids"):
+            model.generate(**inputs, max_new_tokens=2)
+
+
+def test_renumber_is_refused(models):
+    model = models["qwen2_vl"]
+    for reducer in (tokred.DivPrune(keep=0.5, positions="renumber"), tokred.DART(keep=0.5, positions="renumber")):
+        with pytest.raises(ValueError, match="renumber' has no faithful meaning"):
+            tokred.apply(model, reducer)
+        assert "forward" not in model.__dict__
+
+
+@pytest.mark.parametrize("reducers,error,message", [
+    ((tokred.ToMe(r=2),), ValueError, "packed sequence"),
+    ((tokred.DART(keep=0.5, layer=4),), ValueError, "layer=4, but the language model has 4 decoder layers"),
+    ((tokred.DivPrune(keep=0.5), tokred.Random(keep=0.5, stage="projector")), ValueError, "two reducers"),
+], ids=["vision", "layer", "two-projector"])
+def test_bad_reductions_leave_the_model_untouched(models, reducers, error, message):
+    model = models["qwen2_vl"]
+    inputs = qwen_inputs(PROMPTS, GRIDS)
+    with torch.no_grad():
+        reference = model(**inputs).logits
+        with pytest.raises(error, match=message):
+            tokred.apply(model, *reducers)
+        assert "forward" not in model.__dict__
+        assert torch.equal(model(**inputs).logits, reference)
+
+
+@torch.no_grad()
+def test_decode_on_a_reduced_cache_without_bookkeeping_is_refused(models):
+    from transformers import DynamicCache
+
+    model = models["qwen2_5_vl"]
+    inputs = qwen_inputs(PROMPTS, GRIDS)
+    with tokred.applied(model, tokred.DART(keep=0.5, layer=2)):
+        out = model(**inputs, use_cache=True)
+        plain = DynamicCache()
+        for i, layer in enumerate(out.cache.layers):
+            plain.update(layer.keys, layer.values, i)
+        token = out.logits[:, -1].argmax(dim=-1, keepdim=True)
+        mask = torch.cat([inputs["attention_mask"], torch.ones_like(token)], dim=1)
+        with pytest.raises(CompatibilityError, match=f"bookkeeping.*transformers {transformers.__version__}"):
+            model(input_ids=token, attention_mask=mask, cache=plain)
+
+
+@torch.no_grad()
+def test_deepcopy_runs_the_copy(models):
+    model = models["qwen2_vl"]
+    inputs = qwen_inputs(PROMPTS, GRIDS)
+    with tokred.applied(model, tokred.DivPrune(keep=0.5)):
+        expected = model(**inputs).logits
+        clone = copy.deepcopy(model)
+        clone.lm_head.weight.data.zero_()
+        assert torch.equal(clone(**inputs).logits, torch.zeros_like(expected))
+        assert torch.equal(model(**inputs).logits, expected)
