@@ -107,3 +107,13 @@ def test_layer_beyond_the_model(reducer, images):
     with pytest.raises(ValueError, match="only 4 blocks"):
         tokred.apply(model, reducer)
     assert type(model).__name__ == "VisionTransformer"
+
+
+def test_random_int_keep_is_a_count(images):
+    model = tiny_vit()
+    with tokred.applied(model, Random(keep=5)):
+        model(images)
+        assert tokred.last_trace(model).tokens()[0] == 1 + 5
+    with pytest.raises(ValueError, match="keep=65 tokens, but there are only 64"):
+        with tokred.applied(model, Random(keep=65)):
+            model(images)

@@ -281,7 +281,7 @@ def test_no_pivots():
 
 def test_count_larger_than_the_visual_tokens():
     signal = _signal(SAMPLES)  # 20, 30 and 16 visual tokens
-    with pytest.raises(ValueError, match="keep=17 visual tokens, but there are only 16"):
+    with pytest.raises(ValueError, match="keep=17 tokens, but there are only 16"):
         DART(keep=17).keep_mask(signal)
 
 

@@ -123,7 +123,7 @@ def test_bad_positions():
 
 
 def test_count_larger_than_the_visual_tokens():
-    with pytest.raises(ValueError, match="keep=21 visual tokens, but there are only 20"):
+    with pytest.raises(ValueError, match="keep=21 tokens, but there are only 20"):
         FastV(keep=21).keep_mask(_signal(SAMPLES))
 
 

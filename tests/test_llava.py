@@ -284,7 +284,7 @@ def test_placeholders_that_do_not_match_the_images(models):
         split = dict(inputs, pixel_values=inputs["pixel_values"][:1])  # two images' placeholders, one image
         with pytest.raises(ValueError, match="placeholder"):
             model(**split)
-        with pytest.raises(ValueError, match="keep=9 visual tokens, but there are only 8"):
+        with pytest.raises(ValueError, match="keep=9 tokens, but there are only 8"):
             tokred.apply(model, tokred.DivPrune(keep=0.5), tokred.DART(keep=9, layer=2))
             model(**inputs)
     finally:

@@ -40,7 +40,7 @@ def kept_count(keep: int | float, available: int) -> int:
     """Tokens kept out of ``available``: ``keep`` itself if it is a count, else round(keep * available), at least 1."""
     if isinstance(keep, int):
         if keep > available:
-            raise ValueError(f"keep={keep} visual tokens, but there are only {available}; use a smaller count "
+            raise ValueError(f"keep={keep} tokens, but there are only {available}; use a smaller count "
                              "or a fraction")
         return keep
     return max(1, round(keep * available))

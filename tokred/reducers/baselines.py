@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from tokred.plan import Plan
-from tokred.reducers.base import Reducer, check_fraction, check_positions
+from tokred.reducers.base import Reducer, check_keep, check_positions, kept_count
 
 if TYPE_CHECKING:
     from tokred.signals import Signal
@@ -77,7 +77,7 @@ class Random(Reducer):
     """Random pruning: before block ``layer``, keep ``keep`` of the non-prefix tokens at random.
 
     Args:
-        keep: fraction in (0, 1] of the non-prefix tokens kept (at least one is kept).
+        keep: non-prefix tokens kept: a fraction in (0, 1] (round(keep * N), at least 1) or a count.
         layer: the block before which tokens are pruned (``vision`` stage).
         seed: seed of the generator (an int in [0, 2**64 - 1]), reset at every forward, so a forward is
             reproducible.
@@ -86,7 +86,7 @@ class Random(Reducer):
             None: the model's default (renumber for 1-D positions, keep for Qwen2-VL's M-RoPE).
     """
 
-    keep: float = 0.5
+    keep: int | float = 0.5
     layer: int = 0
     seed: int = 0
     stage: str = "vision"
@@ -95,7 +95,7 @@ class Random(Reducer):
     where = "before_block"
 
     def __post_init__(self):
-        check_fraction("keep", self.keep)
+        check_keep(self.keep)
         _check_layer(self.layer)
         _check_stage(self.stage, self.positions)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
@@ -106,7 +106,7 @@ class Random(Reducer):
         _check_layer_fits(self.layer, num_layers)
 
     def kept(self, num_candidates: int) -> int:
-        return max(1, round(self.keep * num_candidates))
+        return kept_count(self.keep, num_candidates)
 
     def removes(self, layer: int, num_layers: int, signal: Signal) -> int:
         if layer != self.layer:
