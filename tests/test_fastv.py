@@ -119,7 +119,7 @@ def test_layer_beyond_the_model(layer, depth):
 
 def test_bad_positions():
     with pytest.raises(ValueError, match="positions must be one of"):
-        FastV(keep=0.5, positions=None)
+        FastV(keep=0.5, positions="gaps")
 
 
 def test_count_larger_than_the_visual_tokens():
