@@ -34,6 +34,7 @@ from tokred.adapters.vlm import VisionLanguageAdapter
 from tokred.flops import FlopsReport, LayerCosts, linear_flops
 from tokred.reducers.base import Reducer, kept_count
 from tokred.reducers.baselines import Pool
+from tokred.signals import Layout
 from tokred.trace import Trace
 
 #: the image inputs ``get_image_features`` of the three families accept
@@ -144,8 +145,9 @@ class LlavaAdapter(VisionLanguageAdapter):
         if self.reducers.get("vision") is not None and self.vision_trace is not None:
             features, counts = self._surviving_tower_tokens(features)
         grid = self.image_grid()
-        grids = [grid if grid is not None and f.shape[0] == grid[0] * grid[1] else None for f in features]
-        return features, counts, grids
+        layout = Layout(1, *grid) if grid is not None else None
+        return features, counts, [layout if layout is not None and f.shape[0] == layout.num_tokens else None
+                                  for f in features]
 
     def _surviving_tower_tokens(self, features: list[Tensor]) -> tuple[list[Tensor], list[int]]:
         """With a vision-stage reducer: each image's features cut to the tokens that survived in the

@@ -27,6 +27,7 @@ from tokred.adapters.vlm import VisionLanguageAdapter
 from tokred.decoder import MRoPE
 from tokred.flops import FlopsReport, attention_flops, linear_flops
 from tokred.reducers.base import Reducer
+from tokred.signals import Layout
 
 
 def _families() -> tuple[type, ...]:
@@ -117,13 +118,13 @@ class Qwen2VLAdapter(VisionLanguageAdapter):
         counts = [f.shape[0] for f in features]
         positions = self._prompt_positions(call, call["attention_mask"].bool() if call["attention_mask"] is not None
                                            else torch.ones_like(call["input_ids"], dtype=torch.bool))
-        grids = []
+        layouts = []
         for sample, slots in self._placeholders(call["input_ids"], counts):
             p = positions[sample, slots]  # (n, 3): the image's (t, h, w)
             frames = int(p[:, 0].unique().numel())
             rows, cols = (int(p[:, a].max() - p[:, a].min()) + 1 for a in (1, 2))
-            grids.append((rows, cols) if frames == 1 and rows * cols == len(slots) else None)
-        return features, counts, grids
+            layouts.append(Layout(frames, rows, cols) if frames * rows * cols == len(slots) else None)
+        return features, counts, layouts
 
     def _after_prefill(self, next_position: Tensor, kept_length: Tensor) -> None:
         self.model.model.rope_deltas = (next_position - kept_length)[:, None]

@@ -25,6 +25,7 @@ from tokred.decoder import CompatibilityError, LanguageModelEngine, Rotary1D, Se
 from tokred.flops import FlopsReport, LayerCosts, attention_flops, linear_flops
 from tokred.plan import sequence_plan
 from tokred.reducers.base import Reducer, keeps_everything
+from tokred.signals import Layout
 from tokred.trace import LayerRecord, Trace
 
 
@@ -66,9 +67,9 @@ class VisionLanguageAdapter(Adapter):
         """The model's own image encoding of the call (``get_image_features``' output)."""
         raise NotImplementedError
 
-    def _visual_items(self, call: dict, encoded) -> tuple[list[Tensor], list[int], list[tuple | None]]:
-        """Per image: its features (n, C) for the projector stage, its placeholder count, and its
-        layout — the (rows, cols) grid its tokens form, or None."""
+    def _visual_items(self, call: dict, encoded) -> tuple[list[Tensor], list[int], list[Layout | None]]:
+        """Per visual item: its features (n, C) for the projector stage, its placeholder count, and
+        its :class:`~tokred.signals.Layout` (None if its tokens form no grid)."""
         raise NotImplementedError
 
     def _prompt_positions(self, call: dict, valid: Tensor) -> Tensor:
@@ -166,21 +167,21 @@ class VisionLanguageAdapter(Adapter):
             start += count
         return runs
 
-    def _projector(self, features: list[Tensor], grids: list[tuple | None],
+    def _projector(self, features: list[Tensor], layouts: list[Layout | None],
                    record: LayerRecord) -> list[tuple[Tensor, Tensor]]:
-        """Per image, (kept slots among its placeholders, their features), after the projector
-        reducer. Images with the same number of tokens and the same layout are planned together."""
+        """Per item, (kept slots among its placeholders, their features), after the projector
+        reducer. Items with the same number of tokens and the same layout are planned together."""
         reducer = self.reducers.get("projector")
         out: list[tuple[Tensor, Tensor] | None] = [None] * len(features)
         groups: dict[tuple, list[int]] = {}
         for i, f in enumerate(features):
-            groups.setdefault((f.shape[0], grids[i]), []).append(i)
-        for (length, grid), images in groups.items():
+            groups.setdefault((f.shape[0], layouts[i]), []).append(i)
+        for (length, layout), images in groups.items():
             stacked = torch.stack([features[i] for i in images])
             slots = torch.arange(length, device=stacked.device).expand(len(images), -1)
             if reducer is not None:
                 record.reducer_flops += reducer.overhead_flops(stacked)
-                plan = reducer.plan_images(stacked, grid)
+                plan = reducer.plan_images(stacked, layout)
                 if plan.merges:
                     stacked = plan.weighted_mean(stacked, stacked.new_ones(*stacked.shape[:2], 1))[0]
                 else:
@@ -196,11 +197,11 @@ class VisionLanguageAdapter(Adapter):
         language model (the model's own forward when nothing is removed)."""
         input_ids, attention_mask = call["input_ids"], call["attention_mask"]
         batch, length = input_ids.shape
-        features, counts, grids = self._visual_items(call, encoded)
+        features, counts, layouts = self._visual_items(call, encoded)
         runs = self._placeholders(input_ids, counts)
         record = LayerRecord("projector", 0, tokens_in=sum(counts), tokens_attention=sum(counts),
                              tokens_out=sum(counts))
-        kept = self._projector(features, grids, record)
+        kept = self._projector(features, layouts, record)
         record.tokens_out = sum(int(k[0].numel()) for k in kept)
         removed = record.tokens_out < record.tokens_in
         llm = self.reducers.get("llm")

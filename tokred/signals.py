@@ -91,3 +91,19 @@ class Signal:
     grid: tuple[int, int] | None
     heads: Heads | None = None
     sizes: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How the N tokens of one visual item lie, for projector-stage reducers: ``frames`` x
+    ``height`` x ``width`` in raster order, frame by frame (an image has one frame; Qwen2-VL's
+    tokens are its 2 x 2 merge units). Items whose tokens form no such grid (LLaVA-NeXT's AnyRes
+    crops with newline tokens) have no layout (None)."""
+
+    frames: int
+    height: int
+    width: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.frames * self.height * self.width

@@ -9,7 +9,7 @@ if TYPE_CHECKING:
     from torch import Tensor
 
     from tokred.signals import Signal
-    from tokred.signals import SequenceSignal
+    from tokred.signals import Layout, SequenceSignal
 
 STAGES = ("vision", "projector", "llm")
 #: position ids after tokens are removed before the language model or inside it
@@ -147,9 +147,9 @@ class Reducer:
         """``vision`` stage: plan for ``layer`` from the tokens, keys, protected count and grid in ``signal``."""
         raise NotImplementedError
 
-    def plan_images(self, features: Tensor, grid: tuple[int, int] | None) -> Plan:
-        """``projector`` stage: plan for the visual tokens ``features`` (G, N, C) of G images
-        with N tokens each (``grid``: their (rows, cols) patch grid, if they still form one)."""
+    def plan_images(self, features: Tensor, layout: Layout | None) -> Plan:
+        """``projector`` stage: plan for the visual tokens ``features`` (G, N, C) of G visual items
+        with N tokens each, all with ``layout`` (frames, height, width), or None if they form no grid."""
         raise NotImplementedError
 
     def plan_sequence(self, signal: SequenceSignal) -> Plan:

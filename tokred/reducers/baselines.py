@@ -18,7 +18,7 @@ from tokred.plan import Plan
 from tokred.reducers.base import Reducer, check_keep, check_positions, kept_count
 
 if TYPE_CHECKING:
-    from tokred.signals import Signal
+    from tokred.signals import Layout, Signal
 
 
 #: the largest seed torch.Generator.manual_seed takes (an unsigned 64-bit integer)
@@ -120,7 +120,7 @@ class Random(Reducer):
         keep = self.kept(tokens.shape[1] - signal.num_protected)
         return random_keep(tokens.shape[1], keep, tokens.shape[0], signal.num_protected, generator, tokens.device)
 
-    def plan_images(self, features: Tensor, grid: tuple[int, int] | None) -> Plan:
+    def plan_images(self, features: Tensor, layout: Layout | None) -> Plan:
         generator = torch.Generator(device=features.device).manual_seed(self.seed)
         images, num_tokens = features.shape[:2]
         return random_keep(num_tokens, self.kept(num_tokens), images, 0, generator, features.device)
@@ -181,9 +181,9 @@ class Pool(Reducer):
         return grid_pooling(self._grid(signal), self.strides, signal.tokens.shape[0], signal.num_protected,
                             signal.tokens.device)
 
-    def plan_images(self, features: Tensor, grid: tuple[int, int] | None) -> Plan:
-        if grid is None or grid[0] * grid[1] != features.shape[1]:
+    def plan_images(self, features: Tensor, layout: Layout | None) -> Plan:
+        if layout is None or layout.frames != 1 or layout.num_tokens != features.shape[1]:
             raise ValueError(f"Pool at the projector stage needs each image's visual tokens to be its full patch "
-                             f"grid; these {features.shape[1]} tokens are not (grid: {grid}). Use Random or "
+                             f"grid; these {features.shape[1]} tokens are not (layout: {layout}). Use Random or "
                              "DivPrune there instead")
-        return grid_pooling(grid, self.strides, features.shape[0], 0, features.device)
+        return grid_pooling((layout.height, layout.width), self.strides, features.shape[0], 0, features.device)

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from tokred.plan import Plan
 from tokred.reducers.base import Reducer, check_finite, check_keep, check_positions, kept_count
+from tokred.signals import Layout
 
 
 def select(features: Tensor, k: int) -> Tensor:
@@ -72,7 +73,7 @@ class DivPrune(Reducer):
         check_keep(self.keep)
         check_positions(self.positions)
 
-    def plan_images(self, features: Tensor, grid: tuple[int, int] | None) -> Plan:
+    def plan_images(self, features: Tensor, layout: Layout | None) -> Plan:
         k = kept_count(self.keep, features.shape[1])
         return Plan(keep=select(features, k), num_inputs=features.shape[1])
 
