@@ -32,8 +32,8 @@ import re
 from collections.abc import Callable
 from importlib.metadata import entry_points
 
-from tokred.reducers import (DART, AdjacentMerge, DivPrune, FastV, PiToMe, Pool, Random, Reducer, Thresholds,
-                             ToMe)
+from tokred.reducers import (DART, AdjacentMerge, DivPrune, DToMe, FastV, PiToMe, Pool, Random, Reducer,
+                             Thresholds, ToMe)
 
 #: the entry-point group third-party packages list their reducers in (name = reducer name, value = the class)
 ENTRY_POINT_GROUP = "tokred.reducers"
@@ -91,7 +91,7 @@ def register_reducer(name: str) -> Callable[[type[Reducer]], type[Reducer]]:
 #: The built-in reducers, registered in this one place.
 BUILTINS: dict[str, type[Reducer]] = {
     "tome": ToMe, "pitome": PiToMe, "thresholds": Thresholds, "random": Random, "pool": Pool,
-    "divprune": DivPrune, "dart": DART, "fastv": FastV, "adjacent": AdjacentMerge,
+    "divprune": DivPrune, "dart": DART, "fastv": FastV, "adjacent": AdjacentMerge, "dtome": DToMe,
 }
 for _builtin_name, _builtin in BUILTINS.items():
     register_reducer(_builtin_name)(_builtin)

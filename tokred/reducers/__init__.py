@@ -4,10 +4,11 @@ from tokred.reducers.base import STAGES, Reducer
 from tokred.reducers.baselines import Pool, Random, grid_pooling, random_keep
 from tokred.reducers.dart import DART
 from tokred.reducers.divprune import DivPrune
+from tokred.reducers.dtome import DToMe, calibrate_dtome, dtome_plan
 from tokred.reducers.fastv import FastV
 from tokred.reducers.pitome import PiToMe, energy_matching
 from tokred.reducers.thresholds import Thresholds, threshold_plan
 from tokred.reducers.tome import ToMe, bipartite_soft_matching
 
-__all__ = ["DART", "AdjacentMerge", "STAGES", "DivPrune", "FastV", "PiToMe", "Pool", "Random", "Reducer", "Thresholds", "ToMe", "bipartite_soft_matching",
+__all__ = ["DART", "AdjacentMerge", "DToMe", "calibrate_dtome", "dtome_plan", "STAGES", "DivPrune", "FastV", "PiToMe", "Pool", "Random", "Reducer", "Thresholds", "ToMe", "bipartite_soft_matching",
            "energy_matching", "grid_pooling", "random_keep", "threshold_plan"]

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from tokred.plan import Plan
 from tokred.reducers.base import Reducer, check_finite, check_flag
+from tokred.reducers.dtome import best_matches
 
 if TYPE_CHECKING:
     from tokred.signals import Signal
@@ -34,23 +34,14 @@ def token_scores(signal: Signal) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor
     queries, times the number of live tokens (1 = average). Matching is ToMe's bipartite split
     counted over the live tokens: the unprotected live tokens at even rank among the live
     tokens form A, those at odd rank form B, and each A token's best match is its most
-    cosine-similar B token (best is -inf for tokens outside A). Dead tokens (size 0: padding,
-    or tokens calibration has removed in place) take no part; in a compacted sequence rank
-    and position coincide, as in ToMe.
+    cosine-similar B token (:func:`tokred.reducers.dtome.best_matches`, shared with DToMe). Dead
+    tokens (size 0: padding, or tokens calibration has removed in place) take no part; in a
+    compacted sequence rank and position coincide, as in ToMe.
     """
-    heads, protected = signal.heads, signal.num_protected
-    batch, num_tokens = signal.tokens.shape[:2]
-    alive = (signal.sizes[..., 0] > 0) if signal.sizes is not None else signal.tokens.new_ones(
-        batch, num_tokens, dtype=torch.bool)
-    weights = alive.to(heads.q.dtype)
-    importance = heads.received(weights) * weights.sum(dim=1, keepdim=True)
+    alive, is_a, best, best_index = best_matches(signal.keys, signal.num_protected, signal.sizes)
+    weights = alive.to(signal.heads.q.dtype)
+    importance = signal.heads.received(weights) * weights.sum(dim=1, keepdim=True)
     check_finite("Thresholds", "the importance (attention received; its logits can overflow)", importance)
-    rank = alive.long().cumsum(dim=1) - 1
-    candidate = alive & (rank >= protected)
-    is_a, is_b = candidate & (rank % 2 == 0), candidate & (rank % 2 == 1)
-    unit = F.normalize(signal.keys, dim=-1)
-    scores = (unit @ unit.transpose(-1, -2)).masked_fill(~(is_a[:, :, None] & is_b[:, None, :]), -math.inf)
-    best, best_index = scores.max(dim=-1)
     return alive, importance, is_a, best, best_index
 
 
