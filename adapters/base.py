@@ -1,17 +1,19 @@
-"""What every adapter provides, and the class swap that patches a module reversibly."""
+"""What every adapter provides, the class swap that patches a module reversibly, and the pieces
+the vision adapters share: a patched module's original methods and the FLOPs of an attention
+block or an attention-pooling head."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import ClassVar
 
 from torch import nn
 
-from tokred.flops import FlopsReport, LayerCosts
+from tokred.api import register_adapter
+from tokred.flops import FlopsReport, LayerCosts, attention_flops, linear_flops
 from tokred.reducers.base import Reducer
 from tokred.trace import Trace
 
 _PATCHED_CLASSES: dict[tuple[type, type], type] = {}
-#: every adapter class with a ``family``, in definition order
-ADAPTERS: list[type[Adapter]] = []
 
 
 def swap_class(module: nn.Module, mixin: type) -> None:
@@ -28,6 +30,59 @@ def restore_class(module: nn.Module) -> None:
     module.__class__ = module._tokred_original_class
 
 
+def patch_module(module: nn.Module, mixin: type, owner: object, attribute: str = "_tokred_adapter",
+                 layer: int | None = None) -> None:
+    """:func:`swap_class` ``module`` to ``mixin`` and give it what the mixin reads: its ``owner`` (the
+    adapter or tower it calls, as ``module.<attribute>``) and, for a block, its index ``layer``
+    (``module._tokred_layer``). Undone by :func:`unpatch_module`."""
+    swap_class(module, mixin)
+    setattr(module, attribute, owner)
+    if layer is not None:
+        module._tokred_layer = layer
+
+
+def unpatch_module(module: nn.Module, attribute: str = "_tokred_adapter") -> None:
+    """Undo :func:`patch_module`: the original class back, the owner and layer index gone."""
+    restore_class(module)
+    module.__dict__.pop(attribute, None)
+    module.__dict__.pop("_tokred_layer", None)
+
+
+def original_class(module: nn.Module) -> type:
+    """The class ``module`` had before :func:`swap_class` (its own class when it is not patched)."""
+    return getattr(type(module), "_tokred_original_class", type(module))
+
+
+def original_method(module: nn.Module, name: str = "forward") -> Callable:
+    """``module.<name>`` as its original class defines it, bound to ``module`` (tokred's mixin skipped)."""
+    return getattr(original_class(module), name).__get__(module)
+
+
+def inherits_method(module: nn.Module, owner: type, name: str) -> bool:
+    """``module``'s original class runs ``owner.<name>`` unchanged (does not override it)."""
+    return getattr(original_class(module), name, None) is getattr(owner, name)
+
+
+# FLOPs shared by the vision families ----------------------------------------------------------
+def block_costs(attention: nn.Module, mlp: nn.Module, extra_per_token: int = 0) -> LayerCosts:
+    """Cost model of a transformer block: every ``nn.Linear`` in ``attention`` (plus
+    ``extra_per_token``, e.g. a packed in-projection held as a bare parameter), QK^T and AV of
+    ``attention.num_heads`` heads of ``attention.head_dim``, and every ``nn.Linear`` in ``mlp``."""
+    return LayerCosts(per_attention_token=linear_flops(attention, 1) + extra_per_token,
+                      per_token_pair=attention_flops(1, attention.num_heads, 1, 1, attention.head_dim),
+                      per_mlp_token=linear_flops(mlp, 1))
+
+
+def multihead_attention_flops(attn: nn.MultiheadAttention, batch: int, queries: int, keys: int) -> int:
+    """FLOPs of ``nn.MultiheadAttention`` of ``queries`` query tokens over ``keys`` key/value tokens
+    (an attention-pooling head: the in-projection is a bare parameter, ``out_proj`` a linear)."""
+    embed = attn.embed_dim
+    flops = 2 * batch * queries * embed * embed  # q projection
+    flops += 2 * batch * keys * (attn.kdim + attn.vdim) * embed  # k and v projections
+    flops += attention_flops(batch, attn.num_heads, queries, keys, attn.head_dim)
+    return flops + linear_flops(attn.out_proj, batch * queries)
+
+
 class Adapter:
     """Knows one model family: its hook points, signals, bookkeeping and how to undo itself.
 
@@ -42,8 +97,8 @@ class Adapter:
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        if "family" in cls.__dict__:
-            ADAPTERS.append(cls)
+        if "family" in cls.__dict__:  # a concrete family: apply may choose it
+            register_adapter(cls)
 
     def __init__(self, model: nn.Module, reducers: dict[str, Reducer]):
         self.model = model
@@ -62,6 +117,10 @@ class Adapter:
 
     def flops(self, trace: Trace) -> FlopsReport:
         raise NotImplementedError
+
+    def set_trace(self, trace: Trace) -> None:
+        """Keep the trace of the forward that just ended (``on_end`` of :meth:`VisionStage.running`)."""
+        self.trace = trace
 
     @property
     def vision_stage(self):

@@ -40,16 +40,13 @@ from collections.abc import Callable
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tokred.adapters.base import Adapter, restore_class, swap_class
-from tokred.engine import VisionStage, log_weights
+from tokred.adapters.base import (Adapter, block_costs, multihead_attention_flops, original_class, original_method,
+                                  patch_module, unpatch_module)
+from tokred.engine import VisionStage, weight_bias
 from tokred.signals import Heads
-from tokred.flops import FlopsReport, LayerCosts, add_block_flops, attention_flops, conv_flops, linear_flops
+from tokred.flops import FlopsReport, LayerCosts, add_block_flops, conv_flops, linear_flops
 from tokred.reducers.base import Reducer
 from tokred.trace import Trace
-
-
-def _original(module_class: type) -> type:
-    return getattr(module_class, "_tokred_original_class", module_class)
 
 
 def _families() -> dict[str, tuple[type, ...]]:
@@ -75,7 +72,7 @@ def _families() -> dict[str, tuple[type, ...]]:
 
 def _exact(module: nn.Module, classes: tuple[type, ...]) -> bool:
     """``module`` is (apart from tokred's own patch) exactly one of ``classes``, whose forward we know."""
-    return _original(type(module)) in classes
+    return original_class(module) in classes
 
 
 def find_tower(model: nn.Module) -> nn.Module:
@@ -105,11 +102,8 @@ def siglip_attention_pool(head: nn.Module, x: Tensor, size: Tensor) -> Tensor:
     """``SiglipMultiheadAttentionPoolingHead`` with every token of ``x`` (B, N, C) weighted by its
     size (B, N, 1): log(size) is added to the probe's attention logits, so a token of size s
     attends like s copies of itself."""
-    batch = x.shape[0]
-    probe = head.probe.expand(batch, -1, -1)
-    heads = head.attention.num_heads
-    # nn.MultiheadAttention wants a 3-D mask as (B * heads, queries, keys), image-major
-    bias = log_weights(size[..., 0]).to(x.dtype)[:, None, :].repeat_interleave(heads, dim=0)
+    probe = head.probe.expand(x.shape[0], -1, -1)
+    bias = weight_bias(size[..., 0], head.attention.num_heads, probe.shape[1], x.dtype)
     y = head.attention(probe, x, x, attn_mask=bias, need_weights=False)[0]
     y = y + head.mlp(head.layernorm(y))
     return y[:, 0]
@@ -126,15 +120,8 @@ class _EmbeddingsMixin:
 
 class _EncoderMixin:
     def forward(self, inputs_embeds: Tensor, *args, **kwargs):
-        tower = self._tokred_tower
-        tower.begin(inputs_embeds, kwargs)
-        try:
-            out = super().forward(inputs_embeds, *args, **kwargs)
-        except BaseException:
-            tower.abort()
-            raise
-        tower.end()
-        return out
+        with self._tokred_tower.running(inputs_embeds, kwargs):
+            return super().forward(inputs_embeds, *args, **kwargs)
 
 
 class _LayerMixin:
@@ -193,7 +180,7 @@ class VisionTower:
                             "CLIPVisionEmbeddings and SiglipVisionEmbeddings")
         for i, layer in enumerate(encoder.layers):
             if not _exact(layer, families["layers"]):
-                raise TypeError(f"layer {i} of {name} is a {_original(type(layer)).__name__}; tokred supports "
+                raise TypeError(f"layer {i} of {name} is a {original_class(layer).__name__}; tokred supports "
                                 "CLIPEncoderLayer and SiglipEncoderLayer")
             if not _exact(layer.self_attn, families["attentions"]) or not _exact(layer.mlp, families["mlps"]):
                 raise TypeError(f"layer {i} of {name} has a replaced attention or MLP module "
@@ -218,26 +205,21 @@ class VisionTower:
         self.head_input: tuple[int, int] | None = None  # (batch, tokens) the pooling head ran on
 
     # patching -------------------------------------------------------------------------------------
-    def _patched_modules(self) -> list[tuple[nn.Module, type]]:
-        modules = [(self.embeddings, _EmbeddingsMixin), (self.encoder, _EncoderMixin)]
-        modules += [(layer, _LayerMixin) for layer in self.layers]
+    def _patched_modules(self) -> list[tuple[nn.Module, type, int | None]]:
+        """(module, mixin, layer index or None) of every module the tower patches."""
+        modules = [(self.embeddings, _EmbeddingsMixin, None), (self.encoder, _EncoderMixin, None)]
+        modules += [(layer, _LayerMixin, i) for i, layer in enumerate(self.layers)]
         if self.head is not None:
-            modules.append((self.head, _HeadMixin))
+            modules.append((self.head, _HeadMixin, None))
         return modules
 
     def patch(self) -> None:
-        for i, layer in enumerate(self.layers):
-            layer._tokred_layer = i
-        for module, mixin in self._patched_modules():
-            swap_class(module, mixin)
-            module._tokred_tower = self
+        for module, mixin, layer in self._patched_modules():
+            patch_module(module, mixin, self, "_tokred_tower", layer)
 
     def unpatch(self) -> None:
-        for module, _ in self._patched_modules():
-            restore_class(module)
-            del module._tokred_tower
-        for layer in self.layers:
-            del layer._tokred_layer
+        for module, _, _ in self._patched_modules():
+            unpatch_module(module, "_tokred_tower")
 
     # forward --------------------------------------------------------------------------------------
     def _config_grid(self) -> tuple[int, int] | None:
@@ -246,8 +228,9 @@ class VisionTower:
         patch = patch if isinstance(patch, (tuple, list)) else (patch, patch)
         return size[0] // patch[0], size[1] // patch[1]
 
-    def begin(self, x: Tensor, kwargs: dict) -> None:
-        """Start the bookkeeping of one forward of the encoder on ``x`` (B, N, C)."""
+    def running(self, x: Tensor, kwargs: dict):
+        """The bookkeeping of one forward of the encoder on ``x`` (B, N, C) with ``kwargs``
+        (:meth:`VisionStage.running`); refuses what a reduction cannot serve."""
         reducer = self.stage.reducer
         if reducer is not None:
             config = getattr(self.module, "config", None)
@@ -264,15 +247,12 @@ class VisionTower:
         if grid[0] * grid[1] + self.num_prefix != x.shape[1]:
             grid = self.patch_grid = None
         self.head_input = None
-        self.stage.begin(x.shape[0], grid)
+        return self.stage.running(x.shape[0], grid, on_end=self._ended)
 
-    def end(self) -> None:
-        self.trace = self.stage.end()
+    def _ended(self, trace: Trace) -> None:
+        self.trace = trace
         if self.on_end is not None:
-            self.on_end(self.trace)
-
-    def abort(self) -> None:
-        self.stage.abort()
+            self.on_end(trace)
 
     def layer_forward(self, layer: nn.Module, x: Tensor, attention_mask: Tensor | None, kwargs: dict) -> Tensor:
         if attention_mask is not None and self.stage.reducer is not None:
@@ -285,7 +265,7 @@ class VisionTower:
         return self.stage.block(
             layer._tokred_layer, x, attend,
             feed_forward=lambda x: layer.mlp(layer.layer_norm2(x)),
-            original=lambda x: _original(type(layer)).forward(layer, x, attention_mask, **kwargs))
+            original=lambda x: original_method(layer)(x, attention_mask, **kwargs))
 
     # FLOPs ----------------------------------------------------------------------------------------
     def add_flops(self, trace: Trace, report: FlopsReport) -> None:
@@ -299,19 +279,11 @@ class VisionTower:
 
     def layer_costs(self, layer: int) -> LayerCosts:
         encoder_layer = self.layers[layer]
-        attn = encoder_layer.self_attn
-        return LayerCosts(per_attention_token=linear_flops(attn, 1),
-                          per_token_pair=attention_flops(1, attn.num_heads, 1, 1, attn.head_dim),
-                          per_mlp_token=linear_flops(encoder_layer.mlp, 1))
+        return block_costs(encoder_layer.self_attn, encoder_layer.mlp)
 
     def _head_flops(self, batch: int, tokens: int) -> int:
-        attention = self.head.attention
-        dim, heads = attention.embed_dim, attention.num_heads
-        flops = 2 * batch * dim * dim  # probe query projection
-        flops += 2 * batch * tokens * dim * 2 * dim  # key and value projections
-        flops += attention_flops(batch, heads, 1, tokens, dim // heads)
-        flops += linear_flops(attention, batch)  # out_proj (the in-projection is a bare parameter)
-        return flops + linear_flops(self.head.mlp, batch)
+        """The attention-pooling head: its probe (one query) over ``tokens`` tokens, then its MLP."""
+        return multihead_attention_flops(self.head.attention, batch, 1, tokens) + linear_flops(self.head.mlp, batch)
 
 
 # the adapter ------------------------------------------------------------------------------------
@@ -332,14 +304,14 @@ class HFVisionAdapter(Adapter):
     def __init__(self, model: nn.Module, reducers: dict[str, Reducer]):
         super().__init__(model, reducers)
         current = model.__dict__.get("_tokred_adapter")
-        self.tower = VisionTower(find_tower(model), reducers.get("vision"), on_end=self._set_trace,
+        self.tower = VisionTower(find_tower(model), reducers.get("vision"), on_end=self.set_trace,
                                  replaces=current.tower if isinstance(current, HFVisionAdapter) else None)
         projection = getattr(model, "visual_projection", None)
         self.projection = projection if isinstance(projection, nn.Linear) else None
         self.projected_rows: int | None = None
         self.num_prefix = self.tower.num_prefix
 
-    def _set_trace(self, trace: Trace) -> None:
+    def set_trace(self, trace: Trace) -> None:
         self.trace = trace
         self.projected_rows = None
 
@@ -350,15 +322,13 @@ class HFVisionAdapter(Adapter):
     def patch(self) -> None:
         self.tower.patch()
         if self.projection is not None:
-            swap_class(self.projection, ProjectionRowsMixin)
-            self.projection._tokred_owner = self
+            patch_module(self.projection, ProjectionRowsMixin, self, "_tokred_owner")
         self.model._tokred_adapter = self
 
     def unpatch(self) -> None:
         self.tower.unpatch()
         if self.projection is not None:
-            restore_class(self.projection)
-            del self.projection._tokred_owner
+            unpatch_module(self.projection, "_tokred_owner")
         del self.model._tokred_adapter
 
     @property

@@ -37,20 +37,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tokred.adapters.base import Adapter, restore_class, swap_class
-from tokred.engine import TokenRun, VisionStage, log_weights
+from tokred.adapters.base import (Adapter, block_costs, inherits_method, multihead_attention_flops, original_class,
+                                  original_method, patch_module, unpatch_module)
+from tokred.engine import TokenRun, VisionStage, weight_bias
 from tokred.signals import Heads
-from tokred.flops import FlopsReport, LayerCosts, add_block_flops, attention_flops, conv_flops, linear_flops
+from tokred.flops import FlopsReport, LayerCosts, add_block_flops, conv_flops
 from tokred.reducers.base import Reducer
 from tokred.trace import Trace
-
-
-def _original(module_class: type) -> type:
-    return getattr(module_class, "_tokred_original_class", module_class)
-
-
-def _same_method(module: nn.Module, owner: type, name: str) -> bool:
-    return getattr(_original(type(module)), name, None) is getattr(owner, name)
 
 
 # attention with an additive bias, returning its per-head queries and keys -------------------
@@ -101,40 +94,22 @@ def custom_attention(attn: nn.Module, x: Tensor, bias: Tensor | None,
     return y, (Heads(q, k, scale, bias) if need_heads else None)
 
 
-def attentional_pool(pool: nn.Module, x: Tensor, log_size: Tensor) -> Tensor:
-    """open_clip's ``AttentionalPooler.forward`` with ``log_size`` (B, N) added to the attention
+def attentional_pool(pool: nn.Module, x: Tensor, size: Tensor) -> Tensor:
+    """open_clip's ``AttentionalPooler.forward`` with log(``size``) (B, N) added to the attention
     logits of every query and head, so that a token of size s weighs like s copies of itself."""
-    batch, num_tokens = x.shape[:2]
+    batch = x.shape[0]
     x = pool.ln_k(x)
     q = pool.ln_q(pool.query)
     queries = q.unsqueeze(0).expand(batch, -1, -1)
-    heads = pool.attn.num_heads
-    mask = log_size.to(q.dtype)[:, None, None, :].expand(batch, heads, q.shape[0], num_tokens)
-    mask = mask.reshape(batch * heads, q.shape[0], num_tokens)
+    mask = weight_bias(size, pool.attn.num_heads, q.shape[0], q.dtype)
     return pool.attn(queries, x, x, need_weights=False, attn_mask=mask)[0]
-
-
-def _cross_attention_flops(attn: nn.MultiheadAttention, batch: int, queries: int, keys: int) -> int:
-    """FLOPs of ``nn.MultiheadAttention`` of ``queries`` query tokens over ``keys`` key/value tokens."""
-    embed = attn.embed_dim
-    flops = 2 * batch * queries * embed * embed  # q projection
-    flops += 2 * batch * keys * (attn.kdim + attn.vdim) * embed  # k and v projections
-    flops += attention_flops(batch, attn.num_heads, queries, keys, attn.head_dim)
-    return flops + linear_flops(attn.out_proj, batch * queries)
 
 
 # patched classes ----------------------------------------------------------------------------
 class _VisualMixin:
     def forward(self, x: Tensor):
-        adapter = self._tokred_adapter
-        adapter.begin(x)
-        try:
-            out = super().forward(x)
-        except BaseException:
-            adapter.stage.abort()
-            raise
-        adapter.end()
-        return out
+        with self._tokred_adapter.running(x):
+            return super().forward(x)
 
     def _pool(self, x: Tensor):
         run = self._tokred_adapter.stage.run
@@ -195,8 +170,8 @@ class OpenClipViTAdapter(Adapter):
             raise TypeError(f"the image tower of this {type(model).__name__} is a {type(visual).__name__}{hint}; "
                             "tokred's open_clip adapter supports open_clip VisionTransformer image towers")
         for name in ("forward", "_embeds", "_pool", "_global_pool"):
-            if not _same_method(visual, VisionTransformer, name):
-                raise TypeError(f"{_original(type(visual)).__name__} overrides VisionTransformer.{name}; tokred's "
+            if not inherits_method(visual, VisionTransformer, name):
+                raise TypeError(f"{original_class(visual).__name__} overrides VisionTransformer.{name}; tokred's "
                                 "open_clip adapter supports open_clip's own VisionTransformer")
         self.visual = visual
         self.block_kinds = self._check_blocks(visual)
@@ -214,21 +189,21 @@ class OpenClipViTAdapter(Adapter):
                                            ResidualAttentionBlock, Transformer)
 
         transformer = visual.transformer
-        if not (_same_method(transformer, Transformer, "forward") or
-                _same_method(transformer, CustomTransformer, "forward")):
-            raise TypeError(f"the image tower's transformer is a {_original(type(transformer)).__name__}; tokred's "
+        if not (inherits_method(transformer, Transformer, "forward") or
+                inherits_method(transformer, CustomTransformer, "forward")):
+            raise TypeError(f"the image tower's transformer is a {original_class(transformer).__name__}; tokred's "
                             "open_clip adapter supports open_clip's Transformer and CustomTransformer")
         batch_first = getattr(transformer, "batch_first", True)
         kinds = []
         for i, block in enumerate(transformer.resblocks):
-            block_class = _original(type(block))
+            block_class = original_class(block)
             if issubclass(block_class, ResidualAttentionBlock) and all(
-                    _same_method(block, ResidualAttentionBlock, name) for name in ("forward", "attention")):
+                    inherits_method(block, ResidualAttentionBlock, name) for name in ("forward", "attention")):
                 attn = block.attn
                 if type(attn) is not nn.MultiheadAttention:
                     raise TypeError(f"block {i} uses {type(attn).__name__}; tokred's open_clip adapter supports "
                                     "nn.MultiheadAttention in ResidualAttentionBlock")
-                if not attn._qkv_same_embed_dim or attn.bias_k is not None or attn.add_zero_attn:
+                if attn.in_proj_weight is None or attn.bias_k is not None or attn.add_zero_attn:
                     raise TypeError(f"block {i}: nn.MultiheadAttention with separate q/k/v weights, bias_k/bias_v "
                                     "or add_zero_attn is not supported")
                 if attn.batch_first != batch_first:
@@ -237,9 +212,9 @@ class OpenClipViTAdapter(Adapter):
                 if hasattr(block, "ln_1_kv"):
                     raise TypeError(f"block {i} is a cross-attention block; the image tower needs self-attention")
                 kinds.append("mha")
-            elif issubclass(block_class, CustomResidualAttentionBlock) and _same_method(
+            elif issubclass(block_class, CustomResidualAttentionBlock) and inherits_method(
                     block, CustomResidualAttentionBlock, "forward"):
-                if not _same_method(block.attn, Attention, "forward"):
+                if not inherits_method(block.attn, Attention, "forward"):
                     raise TypeError(f"block {i} uses {type(block.attn).__name__}; tokred's open_clip adapter "
                                     "supports open_clip's Attention in CustomResidualAttentionBlock")
                 if not batch_first:
@@ -256,8 +231,8 @@ class OpenClipViTAdapter(Adapter):
 
         if pool is None:
             return
-        if not _same_method(pool, AttentionalPooler, "forward") or type(pool.attn) is not nn.MultiheadAttention:
-            raise ValueError(f"the image tower pools with {_original(type(pool)).__name__}, which tokred cannot give "
+        if not inherits_method(pool, AttentionalPooler, "forward") or type(pool.attn) is not nn.MultiheadAttention:
+            raise ValueError(f"the image tower pools with {original_class(pool).__name__}, which tokred cannot give "
                              "the token sizes (log-size attention mask) that merged tokens need; only open_clip's "
                              "AttentionalPooler is supported with a reducer")
 
@@ -267,24 +242,20 @@ class OpenClipViTAdapter(Adapter):
         previous = visual.__dict__.get("_tokred_adapter")
         if previous is not None:  # the tower was patched on its own, and now its CLIP is (or the reverse)
             previous.unpatch()
-        swap_class(visual, _VisualMixin)
-        visual._tokred_adapter = self
+        patch_module(visual, _VisualMixin, self)
         self.model._tokred_adapter = self
         for i, (block, kind) in enumerate(zip(visual.transformer.resblocks, self.block_kinds)):
-            swap_class(block, _ResidualBlockMixin if kind == "mha" else _CustomBlockMixin)
-            block._tokred_adapter = self
-            block._tokred_layer = i
+            patch_module(block, _ResidualBlockMixin if kind == "mha" else _CustomBlockMixin, self, layer=i)
 
     def unpatch(self) -> None:
         for block in self.visual.transformer.resblocks:
-            restore_class(block)
-            del block._tokred_adapter, block._tokred_layer
-        restore_class(self.visual)
-        self.visual.__dict__.pop("_tokred_adapter", None)
+            unpatch_module(block)
+        unpatch_module(self.visual)
         self.model.__dict__.pop("_tokred_adapter", None)
 
     # forward ------------------------------------------------------------------------------
-    def begin(self, images: Tensor) -> None:
+    def running(self, images: Tensor):
+        """The bookkeeping of one image-tower forward on ``images`` (:meth:`VisionStage.running`)."""
         visual = self.visual
         if (self.stage.reducer is not None and getattr(visual.transformer, "grad_checkpointing", False)
                 and torch.is_grad_enabled()):
@@ -295,7 +266,7 @@ class OpenClipViTAdapter(Adapter):
         dropout = visual.patch_dropout
         if dropout.training and getattr(dropout, "prob", 0.0) > 0:  # patches were dropped: no full grid
             grid = None
-        self.stage.begin(images.shape[0], grid)
+        return self.stage.running(images.shape[0], grid, on_end=self.set_trace)
 
     def _grid(self, images: Tensor) -> tuple[int, int] | None:
         if images.dim() != 4:
@@ -304,17 +275,14 @@ class OpenClipViTAdapter(Adapter):
         return tuple((size + 2 * pad - dil * (kernel - 1) - 1) // stride + 1 for size, pad, dil, kernel, stride in
                      zip(images.shape[-2:], conv.padding, conv.dilation, conv.kernel_size, conv.stride))
 
-    def end(self) -> None:
-        self.trace = self.stage.end()
-
     def block_forward(self, block: nn.Module, x: Tensor, attn_mask: Tensor | None) -> Tensor:
         if attn_mask is not None and self.stage.reducer is not None:
             raise ValueError("tokred cannot reduce tokens when an attention mask is passed to the image tower's blocks")
         layer, batch_first = block._tokred_layer, self.batch_first
-        block_forward = _original(type(block)).forward
+        block_forward = original_method(block)
 
         def original(x: Tensor) -> Tensor:
-            out = block_forward(block, x if batch_first else x.transpose(0, 1), attn_mask=attn_mask)
+            out = block_forward(x if batch_first else x.transpose(0, 1), attn_mask=attn_mask)
             return out if batch_first else out.transpose(0, 1)
 
         if self.block_kinds[layer] == "mha":
@@ -333,21 +301,20 @@ class OpenClipViTAdapter(Adapter):
     def weighted_pool(self, x: Tensor, run: TokenRun) -> tuple[Tensor, Tensor]:
         """open_clip's ``VisionTransformer._pool`` with every token weighted by its size."""
         visual = self.visual
-        vt = _original(type(visual))
         if visual.attn_pool is not None:
-            log_size = log_weights(run.size[..., 0])
+            size = run.size[..., 0]
             if visual.attn_pool_contrastive is not None:
                 x = visual.ln_post(x)
-                tokens = attentional_pool(visual.attn_pool, x, log_size)
+                tokens = attentional_pool(visual.attn_pool, x, size)
                 if visual.attn_pool_type == "parallel":
-                    pooled = attentional_pool(visual.attn_pool_contrastive, x, log_size)
+                    pooled = attentional_pool(visual.attn_pool_contrastive, x, size)
                 else:  # cascade: the contrastive pooler sees the first pooler's queries
                     pooled = visual.attn_pool_contrastive(tokens)
                 return pooled, tokens
-            x = visual.ln_post(attentional_pool(visual.attn_pool, x, log_size))
-            return vt._global_pool(visual, x)  # pools the pooler's queries: sizes do not matter
+            x = visual.ln_post(attentional_pool(visual.attn_pool, x, size))
+            return original_method(visual, "_global_pool")(x)  # pools the pooler's queries: sizes do not matter
         if visual.pool_type != "avg":
-            return vt._pool(visual, x)  # class token or all tokens: sizes do not matter
+            return original_method(visual, "_pool")(x)  # class token or all tokens: sizes do not matter
         start = 1  # open_clip's average pool always leaves out the class token
         if visual.final_ln_after_pool:
             return visual.ln_post(run.weighted_mean(x, start)), x[:, start:]
@@ -366,10 +333,7 @@ class OpenClipViTAdapter(Adapter):
 
     def layer_costs(self, layer: int) -> LayerCosts:
         block = self.visual.transformer.resblocks[layer]
-        attn = block.attn
-        return LayerCosts(per_attention_token=2 * attn.in_proj_weight.numel() + linear_flops(attn.out_proj, 1),
-                          per_token_pair=attention_flops(1, attn.num_heads, 1, 1, attn.head_dim),
-                          per_mlp_token=linear_flops(block.mlp, 1))
+        return block_costs(block.attn, block.mlp, extra_per_token=2 * block.attn.in_proj_weight.numel())
 
     def _head_flops(self, batch: int, tokens: int) -> int:
         """Attentional pooling and the ``proj`` matmul of the image tower."""
@@ -377,11 +341,11 @@ class OpenClipViTAdapter(Adapter):
         flops, rows = 0, batch  # rows: pooled vectors multiplied by proj
         if visual.attn_pool is not None:
             queries = visual.attn_pool.query.shape[0]
-            flops += _cross_attention_flops(visual.attn_pool.attn, batch, queries, tokens)
+            flops += multihead_attention_flops(visual.attn_pool.attn, batch, queries, tokens)
             contrastive = visual.attn_pool_contrastive
             if contrastive is not None:
                 keys = tokens if visual.attn_pool_type == "parallel" else queries
-                flops += _cross_attention_flops(contrastive.attn, batch, contrastive.query.shape[0], keys)
+                flops += multihead_attention_flops(contrastive.attn, batch, contrastive.query.shape[0], keys)
                 rows = batch * contrastive.query.shape[0]
             elif visual.pool_type == "none":
                 rows = batch * queries

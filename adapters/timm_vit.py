@@ -13,18 +13,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tokred.adapters.base import Adapter, restore_class, swap_class
-from tokred.engine import VisionStage, log_weights, weighted_mean
+from tokred.adapters.base import (Adapter, block_costs, inherits_method, original_class, original_method,
+                                  patch_module, unpatch_module)
+from tokred.engine import VisionStage, weight_bias, weighted_mean
 from tokred.signals import Heads
 from tokred.flops import FlopsReport, LayerCosts, add_block_flops, attention_flops, conv_flops, linear_flops
 from tokred.reducers.base import Reducer
 from tokred.trace import Trace
 
 POOLS = ("", "token", "avg", "avgmax", "max", "map")
-
-
-def _original(module_class: type) -> type:
-    return getattr(module_class, "_tokred_original_class", module_class)
 
 
 def attention_with_heads(attn: nn.Module, x: Tensor, bias: Tensor | None, need_heads: bool) -> tuple[Tensor, Heads | None]:
@@ -65,13 +62,9 @@ class _BlockMixin:
 class _ViTMixin:
     def forward_features(self, x: Tensor, *args, **kwargs) -> Tensor:
         adapter = self._tokred_adapter
-        adapter.begin(x)
-        try:
+        with adapter.running(x) as run:
             out = super().forward_features(x, *args, **kwargs)
-        except BaseException:
-            adapter.stage.abort()
-            raise
-        adapter.end(out)
+        adapter.remember_sizes(out, run.size)
         return out
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
@@ -103,10 +96,10 @@ class TimmViTAdapter(Adapter):
         from timm.models.vision_transformer import Block
 
         for i, block in enumerate(model.blocks):
-            if not issubclass(_original(type(block)), Block) or _original(type(block)).forward is not Block.forward:
-                raise TypeError(f"block {i} of {type(model).__name__} is a {_original(type(block)).__name__}; "
+            if not issubclass(original_class(block), Block) or not inherits_method(block, Block, "forward"):
+                raise TypeError(f"block {i} of {type(model).__name__} is a {original_class(block).__name__}; "
                                 "tokred's timm adapter supports blocks of timm's Block class (pre-norm ViT blocks)")
-            if type(block.attn).forward is not Attention.forward:
+            if not inherits_method(block.attn, Attention, "forward"):
                 raise TypeError(f"block {i} uses {type(block.attn).__name__}; tokred's timm adapter supports "
                                 "timm's Attention module")
         if model.global_pool not in POOLS:
@@ -122,31 +115,23 @@ class TimmViTAdapter(Adapter):
 
     # patching -----------------------------------------------------------------------------
     def patch(self) -> None:
-        swap_class(self.model, _ViTMixin)
-        self.model._tokred_adapter = self
+        patch_module(self.model, _ViTMixin, self)
         for i, block in enumerate(self.model.blocks):
-            swap_class(block, _BlockMixin)
-            block._tokred_adapter = self
-            block._tokred_layer = i
+            patch_module(block, _BlockMixin, self, layer=i)
 
     def unpatch(self) -> None:
         for block in self.model.blocks:
-            restore_class(block)
-            del block._tokred_adapter, block._tokred_layer
-        restore_class(self.model)
-        del self.model._tokred_adapter
+            unpatch_module(block)
+        unpatch_module(self.model)
 
     # forward ------------------------------------------------------------------------------
-    def begin(self, images: Tensor) -> None:
+    def running(self, images: Tensor):
+        """The bookkeeping of one ``forward_features`` on ``images`` (:meth:`VisionStage.running`)."""
         grid = None
         if images.dim() == 4 and hasattr(self.model.patch_embed, "dynamic_feat_size"):
             grid = tuple(self.model.patch_embed.dynamic_feat_size(tuple(images.shape[-2:])))
-        self.stage.begin(images.shape[0], grid)
         self.head_mode = None
-
-    def end(self, features: Tensor) -> None:
-        self.trace = self.stage.end()
-        self.remember_sizes(features, self.stage.last_run.size)
+        return self.stage.running(images.shape[0], grid, on_end=self.set_trace)
 
     def remember_sizes(self, features: Tensor, size: Tensor | None) -> None:
         """Keep ``size`` (B, N, 1) for as long as ``features`` lives, so that ``forward_head`` pools
@@ -188,7 +173,7 @@ class TimmViTAdapter(Adapter):
         return self.stage.block(
             block._tokred_layer, x, attend,
             feed_forward=lambda x: block.drop_path2(block.ls2(block.mlp(block.norm2(x)))),
-            original=lambda x: _original(type(block)).forward(block, x, **_mask_kwargs(attn_mask, is_causal)))
+            original=lambda x: original_method(block)(x, **_mask_kwargs(attn_mask, is_causal)))
 
     def weighted_pool(self, x: Tensor, pool_type: str | None, size: Tensor) -> Tensor:
         """The model's pooling with every token weighted by its ``size`` (B, N, 1), the number of
@@ -196,10 +181,10 @@ class TimmViTAdapter(Adapter):
         model = self.model
         start = 0 if model.pool_include_prefix else self.num_prefix
         if model.attn_pool is not None:
-            return model.attn_pool(x[:, start:], attn_mask=log_weights(size[:, start:, 0])[:, None, None, :])
+            return model.attn_pool(x[:, start:], attn_mask=weight_bias(size[:, start:, 0]))
         pool_type = model.global_pool if pool_type is None else pool_type
         if pool_type in ("token", ""):
-            return _original(type(model)).pool(model, x, pool_type)  # sizes do not matter
+            return original_method(model, "pool")(x, pool_type)  # sizes do not matter
         mean = weighted_mean(x, size, start)
         largest = x[:, start:].masked_fill(size[:, start:] == 0, -torch.inf).amax(dim=1)  # padding never wins
         return {"avg": mean, "avgmax": 0.5 * (largest + mean), "max": largest}[pool_type]
@@ -218,9 +203,7 @@ class TimmViTAdapter(Adapter):
 
     def layer_costs(self, layer: int) -> LayerCosts:
         block = self.model.blocks[layer]
-        return LayerCosts(per_attention_token=linear_flops(block.attn, 1),
-                          per_token_pair=attention_flops(1, block.attn.num_heads, 1, 1, block.attn.head_dim),
-                          per_mlp_token=linear_flops(block.mlp, 1))
+        return block_costs(block.attn, block.mlp)
 
     def _head_flops(self, trace: Trace) -> int:
         model, batch = self.model, trace.batch_size

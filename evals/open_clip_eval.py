@@ -1,6 +1,6 @@
 """Zero-shot classification and image-text retrieval of an open_clip model with tokred reducers.
 
-For every reducer spec (parsed by ``tokred.bench.parse_reducers``) the image tower runs on the
+For every reducer spec (parsed by ``tokred.cli.bench.parse_reducers``) the image tower runs on the
 same batches as the unreduced model, and the script reports image-tower tokens, analytic GFLOPs
 per image and the FLOPs ratio against the unreduced tower, zero-shot top-1 and agreement with
 the unreduced model's predictions, and retrieval recall@1/5 (both directions) with agreement of
@@ -245,7 +245,7 @@ def retrieval_metrics(similarity: Tensor, full_similarity: Tensor, caption_image
 def evaluate(model, tokenizer, tasks: list[Task], specs: str, device="cpu", batch_size: int = 64,
              progress: bool = True) -> list[dict]:
     """One result row per reducer spec (``none`` = the unreduced model)."""
-    from tokred.bench import parse_reducers
+    from tokred.cli.bench import parse_reducers
 
     settings = [Setting("full", ())] + [Setting(label, reducers) for label, reducers in parse_reducers(specs)]
     import tokred
@@ -345,7 +345,7 @@ def main(argv=None) -> int:
     if not args.allow_download:  # before huggingface_hub is imported (it reads the variable once)
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import tokred
-    from tokred.bench import parse_reducers
+    from tokred.cli.bench import parse_reducers
 
     parse_reducers(args.reducers)  # bad specs fail before the model loads
     notes = []

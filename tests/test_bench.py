@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import tokred
-from tokred.bench import JSON_NAME, PLOT_NAME, parse_reducers
+from tokred.cli.bench import JSON_NAME, PLOT_NAME, parse_reducers
 from tokred.cli import main
 from tokred.reference import (digits_to_unit, load_reference_config, load_reference_data, load_reference_model,
                               preprocess_digits)

@@ -164,3 +164,16 @@ def test_calibrated_average_count_on_the_reference_model():
     assert abs(counts.mean().item() - target) <= 0.1 * target, (counts.mean(), counts.std(), target)
     assert counts.std() > 0  # adaptive: images differ
     assert tokred.reducers_of(model) == ()
+
+
+def test_calibrated_reducers_save_and_load_as_json(tmp_path):
+    import json
+
+    dtome = DToMe(thresholds=(0.1234567890123, 1 / 3, math.inf))
+    thresholds = tokred.Thresholds(merge=[0.5, 0.25], prune=-math.inf)
+    tokred.save_reducers(tmp_path / "r.json", dtome, thresholds)
+    assert json.loads((tmp_path / "r.json").read_text())["spec"].startswith("dtome:")
+    assert tokred.load_reducers(tmp_path / "r.json") == (dtome, thresholds)
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="not a tokred reducers file"):
+        tokred.load_reducers(tmp_path / "bad.json")

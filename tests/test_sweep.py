@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import tokred
-from tokred import registry, sweep
-from tokred.cli import main
+from tokred import registry
+from tokred.cli import main, sweep
 from tokred.reference import load_reference_data, load_reference_model
 
 README = Path(__file__).resolve().parents[1] / "README.md"

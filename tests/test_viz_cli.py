@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from tokred.cli import main
-from tokred.viz_cli import PATCH_PIXELS
+from tokred.cli.viz import PATCH_PIXELS
 
 PAD, PER_ROW = 8, 5  # layout of tokred.viz.save_sources
 

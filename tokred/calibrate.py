@@ -16,8 +16,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-from tokred.api import _adapter
-from tokred.engine import VisionStage, log_weights
+from tokred.api import adapter_of
+from tokred.engine import VisionStage, weight_bias
 from tokred.signals import Signal
 from tokred.flops import LayerCosts
 from tokred.reducers.thresholds import Thresholds, last_token_guard, token_scores
@@ -59,7 +59,7 @@ class Calibration(nn.Module):
             self.full_flops = sum(cost.flops(num_tokens, num_tokens) for cost in self.costs)
         size, presence = run.size[..., 0], self.presence
         weights = size if self.prop_attn else presence
-        update, heads = attend(x, log_weights(weights)[:, None, None, :], True)
+        update, heads = attend(x, weight_bias(weights), True)
         x = x + update
         attention_tokens = presence.sum(dim=1)
 
@@ -118,7 +118,7 @@ def calibrate(model: nn.Module, data, target_flops: float = 0.5, epochs: int = 1
         reducers = tokred.reducers_of(model)
     if len(reducers) != 1 or not isinstance(reducers[0], Thresholds):
         raise ValueError(f"calibrate trains tokred.Thresholds; this model has {reducers}")
-    adapter = _adapter(model)
+    adapter = adapter_of(model)
     stage: VisionStage = adapter.vision_stage
     try:
         calibration = Calibration(reducers[0], [adapter.layer_costs(layer) for layer in range(stage.depth)])

@@ -8,7 +8,8 @@ the block for pruning baselines, between attention and MLP for merging.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor
@@ -26,6 +27,23 @@ def log_weights(weights: Tensor) -> Tensor:
     """log of token weights (sizes) for an additive attention mask: weight 0 gives a finite, hugely
     negative value (the token is invisible) whose gradient stays finite."""
     return weights.clamp_min(torch.finfo(weights.dtype).tiny).log()
+
+
+def weight_bias(weights: Tensor, heads: int | None = None, queries: int = 1,
+                dtype: torch.dtype | None = None) -> Tensor:
+    """Additive attention mask giving every key token the log of its weight (B, N), so that a token
+    of size s attends like s copies of itself (:func:`log_weights`: weight 0 hides it).
+
+    Layout: (B, 1, 1, N), broadcast over heads and queries (SDPA, timm), or with ``heads`` the
+    3-D (B * heads, ``queries``, N) that ``nn.MultiheadAttention`` wants (image-major). ``dtype``:
+    cast after the log (the attention's dtype)."""
+    bias = log_weights(weights)
+    if dtype is not None:
+        bias = bias.to(dtype)
+    if heads is None:
+        return bias[:, None, None, :]
+    batch, num_tokens = bias.shape
+    return bias[:, None, None, :].expand(batch, heads, queries, num_tokens).reshape(batch * heads, queries, num_tokens)
 
 
 def weighted_mean(x: Tensor, size: Tensor | None, start: int) -> Tensor:
@@ -57,7 +75,7 @@ class TokenRun:
         if self.size is None or not (proportional or self.padded):
             return None
         weights = self.size[..., 0] if proportional else (self.size[..., 0] > 0).to(self.size.dtype)
-        return log_weights(weights)[:, None, None, :]
+        return weight_bias(weights)
 
     def apply(self, plan: Plan, x: Tensor) -> Tensor:
         self.padded = self.padded or plan.padded
@@ -98,6 +116,23 @@ class VisionStage:
 
     def abort(self) -> None:
         self.run = None
+
+    @contextmanager
+    def running(self, batch: int, grid: tuple[int, int] | None,
+                on_end: Callable[[Trace], None] | None = None) -> Iterator[TokenRun]:
+        """One forward of the encoder: :meth:`begin`, the ``with`` body (the blocks run through
+        :meth:`block`), then :meth:`end`, whose trace goes to ``on_end``. If the body raises, the
+        half-done run is dropped (:meth:`abort`: no trace, the previous one stays) and the error
+        propagates."""
+        self.begin(batch, grid)
+        try:
+            yield self.run
+        except BaseException:
+            self.abort()
+            raise
+        trace = self.end()
+        if on_end is not None:
+            on_end(trace)
 
     def _signal(self, x: Tensor, attention: Heads | Tensor | None) -> Signal:
         heads = attention if isinstance(attention, Heads) else None

@@ -224,6 +224,29 @@ def parse_value(text: str):
     return kind(values)
 
 
+def save_reducers(path, *reducers: Reducer) -> None:
+    """Write ``reducers`` (e.g. calibrated thresholds) to a JSON file: their spec, which
+    :func:`load_reducers` parses back to equal reducers (floats are written exactly)."""
+    import json
+    from pathlib import Path
+
+    from tokred import __version__
+
+    spec = "+".join(map(str, reducers)) if reducers else "none"
+    Path(path).write_text(json.dumps({"tokred": __version__, "spec": spec}, indent=1) + "\n")
+
+
+def load_reducers(path) -> tuple[Reducer, ...]:
+    """The reducers a :func:`save_reducers` file holds."""
+    import json
+    from pathlib import Path
+
+    data = json.loads(Path(path).read_text())
+    if not isinstance(data, dict) or not isinstance(data.get("spec"), str):
+        raise ValueError(f"{path} is not a tokred reducers file (a JSON object with a 'spec' string)")
+    return parse_spec(data["spec"])
+
+
 def _split_reducers(spec: str) -> list[str]:
     # every '+' joins two reducers, except the one of an exponent (1e+3)
     return re.split(r"(?<![0-9][eE])\+", spec)

@@ -15,8 +15,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from tokred import bench, registry
-from tokred.reducers import Reducer
+from tokred import Reducer, registry
+from tokred.cli import bench
 
 #: The default sweep: reducer family -> specs (:func:`tokred.parse_spec`), weakest reduction first.
 #: Edit the strengths here. A family runs only while its name is registered (:func:`tokred.list_reducers`).
@@ -82,10 +82,10 @@ def sweep_settings(families: list[str] | None = None,
             parsed = bench.parse_reducers(",".join(SWEEPS[family]))
         except ValueError as error:
             if not automatic:
-                raise ValueError(f"the default sweep of '{family}' (tokred.sweep.SWEEPS) does not parse: {error}") from None
+                raise ValueError(f"the default sweep of '{family}' (tokred.cli.sweep.SWEEPS) does not parse: {error}") from None
             # A newly registered reducer whose spec list in SWEEPS does not match its parameters
             # must not break the default sweep of the others; say so loudly instead.
-            print(f"warning: skipped the '{family}' family: its specs in tokred.sweep.SWEEPS do not parse "
+            print(f"warning: skipped the '{family}' family: its specs in tokred.cli.sweep.SWEEPS do not parse "
                   f"({error})", file=sys.stderr)
             continue
         settings.extend((family, label, reducers) for label, reducers in parsed)
@@ -223,7 +223,7 @@ def add_arguments(parser) -> None:
     bench.add_model_arguments(parser)
     parser.add_argument("--reducers", default=None,
                         help=f"comma-separated families of the default sweep (default: every registered one "
-                             f"of {', '.join(SWEEPS)}); their specs are tokred.sweep.SWEEPS")
+                             f"of {', '.join(SWEEPS)}); their specs are tokred.cli.sweep.SWEEPS")
     parser.add_argument("--specs", default=None,
                         help="explicit comma-separated reducer specs instead, e.g. 'tome:r=2,tome:r=6,pitome:keep=0.8'")
     parser.add_argument("--out", type=Path, default=Path("results/sweep"), help="output directory")

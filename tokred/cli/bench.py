@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 import tokred
-from tokred.reducers import Reducer
+from tokred import Reducer
 
 DEFAULT_REDUCERS = "none,tome:r=2,tome:r=4,tome:r=6,tome:r=8"
 JSON_NAME = "bench.json"

@@ -1,19 +1,21 @@
-"""The ``tokred`` command line: ``tokred <command> [options]``.
+"""The ``tokred`` command line: ``tokred <command> [options]`` (also ``python -m tokred``,
+``python -m tokred.cli``).
 
-Each command is a module with ``add_arguments(parser)`` and ``main(args) -> int``; register new
-ones (``sweep``, ``viz``, ...) in :data:`COMMANDS`.
+Each command is a module of this package with ``add_arguments(parser)`` and ``main(args) -> int``;
+register new ones in :data:`COMMANDS`. The commands are reports built on the public API (``tokred``
+and its public modules ``tokred.registry``, ``tokred.viz``, ``tokred.reference``), never on the
+core's internals (``tests/test_layout.py`` checks it).
 """
 from __future__ import annotations
 
 import argparse
 import importlib
-import sys
 
 #: command name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "bench": ("tokred.bench", "FLOPs, measured speed-up, accuracy and agreement of reducers vs the full model"),
-    "sweep": ("tokred.sweep", "top-1 and agreement vs FLOPs ratio for each reducer family over a range of strengths"),
-    "viz": ("tokred.viz_cli", "PNG of the merge groups / pruned patches per layer for one image and reducer"),
+    "bench": ("tokred.cli.bench", "FLOPs, measured speed-up, accuracy and agreement of reducers vs the full model"),
+    "sweep": ("tokred.cli.sweep", "top-1 and agreement vs FLOPs ratio for each reducer family over a range of strengths"),
+    "viz": ("tokred.cli.viz", "PNG of the merge groups / pruned patches per layer for one image and reducer"),
 }
 
 
@@ -36,7 +38,3 @@ def main(argv: list[str] | None = None) -> int:
         return args._module.main(args)
     except (ValueError, TypeError, FileNotFoundError) as error:
         args._parser.exit(2, f"tokred {args.command}: error: {error}\n")
-
-
-if __name__ == "__main__":
-    sys.exit(main())
