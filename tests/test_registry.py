@@ -23,8 +23,8 @@ def clean_registry(monkeypatch):
 
 
 def test_builtin_names():
-    assert tokred.list_reducers() == ["adjacent", "dart", "divprune", "dtome", "fastv", "pitome", "pool", "random",
-                                      "thresholds", "tome"]
+    assert tokred.list_reducers() == ["adjacent", "dart", "divprune", "dtome", "fastv", "matryoshka", "pitome", "pool",
+                                      "random", "thresholds", "tome"]
     for name in tokred.list_reducers():
         assert registry.name_of(registry.reducer_class(name)) == name
 
@@ -75,6 +75,7 @@ ROUND_TRIPS = [
      "adjacent:keep=5/layer=1/prop_attn=false/positions=renumber"),
     (tokred.DToMe(thresholds=(0.5, 0.25, float("inf"))), "dtome:thresholds=(0.5;0.25;inf)"),
     (tokred.DToMe(thresholds=0.75, prop_attn=False), "dtome:thresholds=0.75/prop_attn=false"),
+    (tokred.Matryoshka(tokens=36, positions="keep"), "matryoshka:tokens=36/positions=keep"),
 ]
 
 
@@ -138,8 +139,8 @@ def test_none():
 
 
 @pytest.mark.parametrize("spec, message", [
-    ("tomee:r=4", "unknown reducer 'tomee'; known reducers: adjacent, dart, divprune, dtome, fastv, pitome, pool, "
-                  "random, thresholds, tome"),
+    ("tomee:r=4", "unknown reducer 'tomee'; known reducers: adjacent, dart, divprune, dtome, fastv, matryoshka, "
+                  "pitome, pool, random, thresholds, tome"),
     ("tome:r=4+fastvv:keep=2", "'fastvv:keep=2' of 'tome:r=4+fastvv:keep=2': unknown reducer 'fastvv'"),
     ("tome:ratio=4", "unknown parameter 'ratio' for tome; its parameters are: r, prop_attn"),
     ("dart:keep", "expected key=value, got 'keep'"),

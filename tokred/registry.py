@@ -32,7 +32,7 @@ import re
 from collections.abc import Callable
 from importlib.metadata import entry_points
 
-from tokred.reducers import (DART, AdjacentMerge, DivPrune, DToMe, FastV, PiToMe, Pool, Random, Reducer,
+from tokred.reducers import (DART, AdjacentMerge, DivPrune, DToMe, FastV, Matryoshka, PiToMe, Pool, Random, Reducer,
                              Thresholds, ToMe)
 
 #: the entry-point group third-party packages list their reducers in (name = reducer name, value = the class)
@@ -92,6 +92,7 @@ def register_reducer(name: str) -> Callable[[type[Reducer]], type[Reducer]]:
 BUILTINS: dict[str, type[Reducer]] = {
     "tome": ToMe, "pitome": PiToMe, "thresholds": Thresholds, "random": Random, "pool": Pool,
     "divprune": DivPrune, "dart": DART, "fastv": FastV, "adjacent": AdjacentMerge, "dtome": DToMe,
+    "matryoshka": Matryoshka,
 }
 for _builtin_name, _builtin in BUILTINS.items():
     register_reducer(_builtin_name)(_builtin)

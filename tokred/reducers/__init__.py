@@ -1,7 +1,7 @@
 """Reducers: small config objects plus pure algorithms on tensors."""
 from tokred.reducers.adjacent import AdjacentMerge
 from tokred.reducers.base import STAGES, Reducer
-from tokred.reducers.baselines import Pool, Random, grid_pooling, random_keep
+from tokred.reducers.baselines import Matryoshka, Pool, Random, grid_pooling, random_keep
 from tokred.reducers.dart import DART
 from tokred.reducers.divprune import DivPrune
 from tokred.reducers.dtome import DToMe, calibrate_dtome, dtome_plan
@@ -10,5 +10,5 @@ from tokred.reducers.pitome import PiToMe, energy_matching
 from tokred.reducers.thresholds import Thresholds, threshold_plan
 from tokred.reducers.tome import ToMe, bipartite_soft_matching
 
-__all__ = ["DART", "AdjacentMerge", "DToMe", "calibrate_dtome", "dtome_plan", "STAGES", "DivPrune", "FastV", "PiToMe", "Pool", "Random", "Reducer", "Thresholds", "ToMe", "bipartite_soft_matching",
+__all__ = ["DART", "AdjacentMerge", "DToMe", "Matryoshka", "calibrate_dtome", "dtome_plan", "STAGES", "DivPrune", "FastV", "PiToMe", "Pool", "Random", "Reducer", "Thresholds", "ToMe", "bipartite_soft_matching",
            "energy_matching", "grid_pooling", "random_keep", "threshold_plan"]

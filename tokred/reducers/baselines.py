@@ -187,3 +187,43 @@ class Pool(Reducer):
                              f"grid; these {features.shape[1]} tokens are not (layout: {layout}). Use Random or "
                              "DivPrune there instead")
         return grid_pooling((layout.height, layout.width), self.strides, features.shape[0], 0, features.device)
+
+
+@dataclass(frozen=True)
+class Matryoshka(Reducer):
+    """M3's nested scales (Cai et al., "Matryoshka Multimodal Models", ICLR 2025): average-pool each
+    image's projected visual tokens to ``tokens`` = s tokens, a square grid of side sqrt(s) whose side
+    divides the image's grid (576, 144, 36, 9 or 1 for LLaVA-1.5's 24 x 24), in non-overlapping windows
+    (kernel = stride = side / sqrt(s)), row-major — :class:`Pool` at the ``projector`` stage with that
+    stride. Training-free it is a pooling baseline; on M3's fine-tuned weights (e.g.
+    ``mucai/llava-v1.5-7b-m3``, loaded as a LLaVA-1.5 model) the same call reproduces M3.
+
+    Args:
+        tokens: visual tokens kept per image, a perfect square whose root divides the grid side.
+        positions: ``"renumber"``, ``"keep"``, or None (the model's default).
+    """
+
+    tokens: int
+    positions: str | None = None
+
+    stage = "projector"
+
+    def __post_init__(self):
+        if isinstance(self.tokens, bool) or not isinstance(self.tokens, int) or self.tokens < 1 \
+                or math.isqrt(self.tokens) ** 2 != self.tokens:
+            raise ValueError(f"tokens must be a perfect square >= 1 (M3's scales: 576, 144, 36, 9, 1 on a 24 x 24 "
+                             f"grid), got {self.tokens!r}")
+        check_positions(self.positions)
+
+    def plan_images(self, features: Tensor, layout: Layout | None) -> Plan:
+        if layout is None or layout.frames != 1 or layout.height != layout.width \
+                or layout.num_tokens != features.shape[1]:
+            raise ValueError(f"Matryoshka needs each image's visual tokens to be a full square grid; these "
+                             f"{features.shape[1]} tokens are not (layout: {layout})")
+        side, root = layout.height, math.isqrt(self.tokens)
+        if side % root:
+            scales = [d * d for d in range(side, 0, -1) if side % d == 0]
+            raise ValueError(f"Matryoshka(tokens={self.tokens}) on a {side} x {side} grid: the scales are the square "
+                             f"divisors {scales}")
+        stride = side // root
+        return grid_pooling((side, side), (stride, stride), features.shape[0], 0, features.device)
