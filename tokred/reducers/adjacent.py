@@ -12,15 +12,14 @@ add log(size) to the attention logits, so a token standing for s tokens attends 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from tokred.plan import Plan, sequence_plan
-from tokred.reducers.base import (Reducer, check_decoder_layer, check_decoder_layer_fits, check_finite, check_flag,
-                                  check_keep, check_positions, kept_count)
+from tokred.reducers.base import DecoderReducer, check_finite, check_flag, kept_count
 
 if TYPE_CHECKING:
     from tokred.signals import SequenceSignal
@@ -61,7 +60,7 @@ def select(hidden: Tensor, visual: Tensor, k: int) -> Tensor:
 
 
 @dataclass(frozen=True)
-class AdjacentMerge(Reducer):
+class AdjacentMerge(DecoderReducer):
     """Merge neighbouring similar visual tokens before decoder layer ``layer`` (see the module docstring).
 
     Args:
@@ -76,16 +75,9 @@ class AdjacentMerge(Reducer):
     prop_attn: bool = True
     positions: str = "keep"
 
-    stage: ClassVar[str] = "llm"
-
     def __post_init__(self):
-        check_keep(self.keep)
-        check_decoder_layer(self.layer)
+        super().__post_init__()
         check_flag("prop_attn", self.prop_attn)
-        check_positions(self.positions)
-
-    def check(self, num_layers: int) -> None:
-        check_decoder_layer_fits("AdjacentMerge", self.layer, num_layers)
 
     def plan_sequence(self, signal: SequenceSignal) -> Plan:
         merge_into = torch.full(signal.visual.shape, -1, dtype=torch.long, device=signal.visual.device)

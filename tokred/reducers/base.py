@@ -162,3 +162,20 @@ class Reducer:
     def keep_mask(self, signal: SequenceSignal) -> Tensor:
         """``llm`` stage, keep-only reducers: (B, L) True for the tokens that stay (every non-visual token stays)."""
         raise NotImplementedError
+
+
+class DecoderReducer(Reducer):
+    """Base of the ``llm``-stage reducers: they act before decoder layer ``layer`` (K >= 1; their
+    signal comes from layer K - 1), keep ``keep`` visual tokens (a count or a fraction) and number the
+    remaining tokens by ``positions``. Subclasses are dataclasses with those three fields; they are
+    checked here, once."""
+
+    stage: ClassVar[str] = "llm"
+
+    def __post_init__(self):
+        check_keep(self.keep)
+        check_decoder_layer(self.layer)
+        check_positions(self.positions)
+
+    def check(self, num_layers: int) -> None:
+        check_decoder_layer_fits(type(self).__name__, self.layer, num_layers)

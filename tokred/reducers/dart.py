@@ -44,8 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tokred.reducers.base import (Reducer, check_decoder_layer, check_decoder_layer_fits, check_finite, check_keep,
-                                  check_positions, kept_count)
+from tokred.reducers.base import DecoderReducer, check_finite, kept_count
 from tokred.sequence import keep_visual
 
 if TYPE_CHECKING:
@@ -157,7 +156,7 @@ def text_after_image(signal: SequenceSignal) -> Tensor:
 
 
 @dataclass(frozen=True)
-class DART(Reducer):
+class DART(DecoderReducer):
     """DART at the ``llm`` stage: before decoder layer ``layer``, each sample keeps the visual
     tokens least duplicated by a few pivot tokens (the rule: :mod:`tokred.reducers.dart`).
 
@@ -180,17 +179,11 @@ class DART(Reducer):
     text_pivots: int = 4
     positions: str = "keep"
 
-    stage: ClassVar[str] = "llm"
     needs_keys: ClassVar[bool] = True
 
     def __post_init__(self):
-        check_keep(self.keep)
-        check_decoder_layer(self.layer)
+        super().__post_init__()
         check_pivots(self.image_pivots, self.text_pivots)
-        check_positions(self.positions)
-
-    def check(self, num_layers: int) -> None:
-        check_decoder_layer_fits("DART", self.layer, num_layers)
 
     def keep_mask(self, signal: SequenceSignal) -> Tensor:
         if signal.keys is None:

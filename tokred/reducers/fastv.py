@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import Tensor
 
-from tokred.reducers.base import Reducer, check_finite, check_decoder_layer, check_decoder_layer_fits, check_keep, check_positions
+from tokred.reducers.base import DecoderReducer, check_finite
 from tokred.sequence import keep_visual
 
 if TYPE_CHECKING:
@@ -42,7 +42,7 @@ def select(attention: Tensor, visual: Tensor, k: int) -> Tensor:
 
 
 @dataclass(frozen=True)
-class FastV(Reducer):
+class FastV(DecoderReducer):
     """FastV at the ``llm`` stage: before decoder layer ``layer``, each sample keeps the visual
     tokens that its last prompt token attends to most at layer ``layer - 1``.
 
@@ -61,16 +61,7 @@ class FastV(Reducer):
     layer: int = 2
     positions: str = "keep"
 
-    stage: ClassVar[str] = "llm"
     needs_last_attention: ClassVar[bool] = True
-
-    def __post_init__(self):
-        check_keep(self.keep)
-        check_decoder_layer(self.layer)
-        check_positions(self.positions)
-
-    def check(self, num_layers: int) -> None:
-        check_decoder_layer_fits("FastV", self.layer, num_layers)
 
     def keep_mask(self, signal: SequenceSignal) -> Tensor:
         if signal.last_attention is None:
