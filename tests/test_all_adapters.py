@@ -5,6 +5,7 @@ import torch
 
 import tokred
 from helpers import tiny_vit
+from tiny_families import EVA02, tiny_eva, tiny_torchvision_vit
 
 
 def _open_clip():
@@ -30,6 +31,10 @@ MODELS = {
     "open_clip": (_open_clip, lambda m, x: m.encode_image(x), 1),
     "hf_clip": (lambda: _hf("clip"), lambda m, x: m(pixel_values=x).pooler_output, 1),
     "hf_siglip": (lambda: _hf("siglip"), lambda m, x: m(pixel_values=x).pooler_output, 0),
+    "timm_eva02": (lambda: tiny_eva(qkv_std=None, **EVA02), lambda m, x: m(x), 1),
+    "timm_eva_dinov3": (lambda: tiny_eva(qkv_std=None, rope_type="dinov3", rope_rotate_half=True, num_reg_tokens=2,
+                                         use_abs_pos_emb=False), lambda m, x: m(x), 3),
+    "torchvision": (lambda: tiny_torchvision_vit(), lambda m, x: m(x), 1),
 }
 IDENTITIES = [tokred.ToMe(r=0), tokred.PiToMe(keep=1.0), tokred.Random(keep=1.0), tokred.Pool(stride=1),
               tokred.Thresholds()]

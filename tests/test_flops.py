@@ -30,7 +30,7 @@ MODELS = {
 @pytest.mark.parametrize("name", MODELS)
 @pytest.mark.parametrize("reducers", [(), (tokred.ToMe(r=0),), (tokred.ToMe(r=7),), (tokred.ToMe(r=(9, 0.5)),),
                                       (tokred.PiToMe(keep=0.8),), (tokred.Random(keep=0.3, layer=1),),
-                                      (tokred.Pool(stride=(2, 3)),)])
+                                      (tokred.Pool(stride=(2, 3)),), (tokred.DToMe(thresholds=0.3),)])
 def test_flops_match_the_flop_counter(name, reducers, images):
     model = tokred.apply(MODELS[name](), *reducers)
     assert counted(lambda: model(images)) == tokred.flops(model).total

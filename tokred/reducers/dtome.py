@@ -28,7 +28,6 @@ from torch import Tensor
 
 from tokred.plan import Plan
 from tokred.reducers.base import Reducer, check_flag
-from tokred.reducers.tome import matching_flops
 from tokred.schedule import per_layer
 
 if TYPE_CHECKING:
@@ -60,6 +59,13 @@ def best_matches(metric: Tensor, num_protected: int,
     scores = scores.masked_fill(~(is_a[:, :, None] & is_b[:, None, :]), -math.inf)
     best, match = scores.max(dim=-1)
     return alive, is_a, best, match
+
+
+def similarity_flops(signal: Signal) -> int:
+    """FLOPs of :func:`best_matches`: the N x N cosine-similarity matmul of every image (it runs on
+    the padded width, so a batch's cost does not depend on which tokens are live)."""
+    batch, num_tokens, dim = signal.keys.shape
+    return 2 * batch * num_tokens * num_tokens * dim
 
 
 def tome_order_plan(merged: Tensor, match: Tensor, alive: Tensor, num_protected: int) -> Plan:
@@ -159,7 +165,7 @@ class DToMe(Reducer):
         return dtome_plan(signal.keys, self.threshold_at(layer, num_layers), signal.num_protected, signal.sizes)
 
     def overhead_flops(self, signal: Signal) -> int:
-        return matching_flops(*signal.keys.shape, signal.num_protected)
+        return similarity_flops(signal)
 
 
 class _BatchLevelMerging(Reducer):
@@ -191,7 +197,7 @@ class _BatchLevelMerging(Reducer):
         return tome_order_plan(merged, match, alive, signal.num_protected)
 
     def overhead_flops(self, signal: Signal) -> int:
-        return matching_flops(*signal.keys.shape, signal.num_protected)
+        return similarity_flops(signal)
 
 
 #: DyMU's r schedules, as ToMe (r, inflection) ramps: constant, increasing and decreasing with depth
