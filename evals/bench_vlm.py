@@ -1,14 +1,28 @@
-"""Prefill and decode speed of a LLaVA-1.5-shaped model on CPU, with tokred's projector- and
-llm-stage reducers, against the unreduced model and against an "oracle" in the same process.
+"""Prefill and decode speed of vision-language models on CPU, with tokred's projector- and llm-stage
+reducers, against the unreduced model and against an "oracle" in the same process.
 
-Run ``python evals/bench_vlm.py [--rounds 3] [--threads 2] [--batch 1] [--json out.json]`` (about
-20-40 minutes on 2 threads; ``--tiny`` runs a toy model in seconds). The model is built in code
-with seeded random weights (speed does not depend on them): a CLIP ViT-L/14-336-shaped tower (24
-layers, dim 1024, 576 patches + class token, feature layer -2), LLaVA's two-layer GELU projector
-and a Qwen2-0.5B-shaped language model (24 layers, dim 896, 14 heads / 2 KV heads, SwiGLU 4864)
-with LLaVA-1.5's 32064-token vocabulary and an untied head (0.42B parameters), float32, SDPA.
-The prompt has LLaVA-1.5's chat layout: 35 system/user tokens, the 576 image placeholders, 25
-question tokens. Every configuration runs once per round in a rotating order (plus an uncounted
+Run ``python evals/bench_vlm.py [--family llava|qwen2_vl|all] [--rounds 3] [--threads 2] [--batch 1]
+[--json out.json]`` (LLaVA: about 10-40 minutes on 2 threads; Qwen2-VL at 448 px: about 35 minutes
+on 1 thread; ``--tiny`` runs toy models of both families in seconds). Each family gets its own table;
+ratios compare rows of one table only. The models are built in code with seeded random weights
+(speed does not depend on them), float32, SDPA:
+
+- ``llava``: a CLIP ViT-L/14-336-shaped tower (24 layers, dim 1024, 576 patches + class token,
+  feature layer -2), LLaVA's two-layer GELU projector and a Qwen2-0.5B-shaped language model (24
+  layers, dim 896, 14 heads / 2 KV heads, SwiGLU 4864) with LLaVA-1.5's 32064-token vocabulary and
+  an untied head (0.42B parameters). The prompt has LLaVA-1.5's chat layout: 35 system/user tokens,
+  the 576 image placeholders, 25 question tokens. ``--ks`` sets the kept counts (64 128 192).
+- ``qwen2_vl``: Qwen2-VL-2B's shapes: a 32-block vision encoder (dim 1280, 16 heads, MLP ratio 4,
+  14 px patches, temporal patch 2) with its 2 x 2 patch merger (the projector), and a 28-layer
+  language model (dim 1536, 12 heads / 2 KV heads, SwiGLU 8960, M-RoPE sections 16/24/24, the full
+  151936-token vocabulary, tied embeddings). One square image per prompt (``--qwen-sides``, 448 px
+  = 32 x 32 patches = 256 visual tokens; 896 px = 1024 tokens), between ``<vision_start>`` and
+  ``<vision_end>``, after 20 and before 25 text tokens. ``--keeps`` sets the kept fractions (0.25).
+  The oracle runs the unpatched encoder + merger, then the unpatched language model on the kept
+  tokens' embeddings with their original 3-D positions (``get_rope_index`` on the full prompt), then
+  the head; decode steps pass explicit 3-D positions.
+
+Every configuration runs once per round in a rotating order (plus an uncounted
 warm-up round); times are medians over rounds and every ratio is against the unreduced model's
 median in the same rounds. Columns: *kept* = visual tokens that reach the language model (for
 llm-stage reducers: the layers from K on); *TTFT s* = time to first token, one
@@ -44,65 +58,218 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import Tensor
 from tqdm import tqdm
 
 import tokred
 from tokred.decoder import LanguageModelEngine
 
-# model shapes ------------------------------------------------------------------------------------------
+# model families --------------------------------------------------------------------------------------
 
-FULL = dict(
+LLAVA_FULL = dict(
     tower=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                image_size=336, patch_size=14),
     text=dict(vocab_size=32064, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
               num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=4096),
     image_token=32000, pad_token=32001, before=35, after=25, ks=(64, 128, 192), rounds=3, decode_steps=8,
 )
-TINY = dict(
+LLAVA_TINY = dict(
     tower=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                image_size=56, patch_size=14),
     text=dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512),
     image_token=998, pad_token=999, before=35, after=25, ks=(4, 8), rounds=1, decode_steps=2,
 )
+# Qwen2-VL-2B's shapes (config.json of Qwen/Qwen2-VL-2B-Instruct): 675M vision encoder + merger, 1.54B
+# language model with tied embeddings; token ids as in its tokenizer
+QWEN_FULL = dict(
+    vision=dict(depth=32, embed_dim=1280, hidden_size=1536, num_heads=16, mlp_ratio=4, patch_size=14,
+                spatial_merge_size=2, temporal_patch_size=2),
+    text=dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+              num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768,
+              bos_token_id=151643, eos_token_id=151645, tie_word_embeddings=True,
+              rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]}),
+    ids=dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653),
+    text_below=151643, before=20, after=25, sides=(448,), keeps=(0.25,), rounds=3, decode_steps=4,
+)
+QWEN_TINY = dict(
+    vision=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2, patch_size=14,
+                spatial_merge_size=2, temporal_patch_size=2),
+    text=dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+              tie_word_embeddings=True,
+              rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 3, 3]}),
+    ids=dict(image_token_id=90, video_token_id=91, vision_start_token_id=92, vision_end_token_id=93),
+    text_below=90, before=20, after=25, sides=(112,), keeps=(0.25, 0.5), rounds=1, decode_steps=2,
+)
 LLM_LAYER = 2  # K for DART and FastV
 
 
-def build_model(shape: dict, seed: int = 0):
-    """LlavaForConditionalGeneration with seeded random weights, eval mode, float32, SDPA."""
-    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, Qwen2Config
-
-    text = Qwen2Config(**shape["text"], pad_token_id=shape["pad_token"], tie_word_embeddings=False)
-    config = LlavaConfig(vision_config=CLIPVisionConfig(**shape["tower"]), text_config=text,
-                         image_token_id=shape["image_token"], vision_feature_layer=-2,
-                         vision_feature_select_strategy="default", projector_hidden_act="gelu",
-                         tie_word_embeddings=False)
-    for c in (config, config.text_config, config.vision_config):
+def _sdpa(*configs) -> None:
+    for c in configs:
         c._attn_implementation = "sdpa"
-    torch.manual_seed(seed)
-    return LlavaForConditionalGeneration(config).eval().float()
 
 
-def num_patches(model) -> int:
-    vision = model.config.vision_config
-    return (vision.image_size // vision.patch_size) ** 2
+def _count(*modules) -> int:
+    """Parameters of ``modules``, each tensor once (tied embeddings count once)."""
+    seen = {}
+    for module in modules:
+        for p in module.parameters():
+            seen[p.data_ptr()] = p.numel()
+    return sum(seen.values())
 
 
-def build_inputs(model, shape: dict, batch: int, seed: int = 0) -> dict:
-    """LLaVA-1.5 chat layout: ``before`` text ids, the image placeholders, ``after`` text ids;
-    random ids below the image token (never the image token), one random image per sample."""
-    generator = torch.Generator().manual_seed(seed)
-    high = min(shape["image_token"], model.config.text_config.vocab_size)
-    n = num_patches(model)
-    rows = []
-    for _ in range(batch):
-        before = torch.randint(3, high, (shape["before"],), generator=generator)
-        after = torch.randint(3, high, (shape["after"],), generator=generator)
-        rows.append(torch.cat([before, torch.full((n,), shape["image_token"]), after]))
-    input_ids = torch.stack(rows)
-    size = model.config.vision_config.image_size
-    return dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                pixel_values=torch.randn(batch, 3, size, size, generator=generator))
+class Llava:
+    """LLaVA-1.5: CLIP tower, two-layer projector, Qwen2-shaped language model, 1-D positions."""
+
+    name, title = "llava", "LLaVA-1.5-shaped"
+    parts = ("tower", "projector", "language model")
+
+    def __init__(self, shape: dict):
+        self.shape = shape
+        self.image_token = shape["image_token"]
+
+    def build(self, seed: int = 0):
+        """LlavaForConditionalGeneration with seeded random weights, eval mode, float32, SDPA."""
+        from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, Qwen2Config
+
+        shape = self.shape
+        text = Qwen2Config(**shape["text"], pad_token_id=shape["pad_token"], tie_word_embeddings=False)
+        config = LlavaConfig(vision_config=CLIPVisionConfig(**shape["tower"]), text_config=text,
+                             image_token_id=shape["image_token"], vision_feature_layer=-2,
+                             vision_feature_select_strategy="default", projector_hidden_act="gelu",
+                             tie_word_embeddings=False)
+        _sdpa(config, config.text_config, config.vision_config)
+        torch.manual_seed(seed)
+        return LlavaForConditionalGeneration(config).eval().float()
+
+    def sides(self, model) -> list[int]:
+        return [model.config.vision_config.image_size]
+
+    def inputs(self, model, side: int, batch: int, seed: int = 0) -> dict:
+        """LLaVA-1.5 chat layout: ``before`` text ids, the image placeholders, ``after`` text ids;
+        random ids below the image token (never the image token), one random image per sample."""
+        shape = self.shape
+        generator = torch.Generator().manual_seed(seed)
+        high = min(shape["image_token"], model.config.text_config.vocab_size)
+        rows, cols = self.grid(model, None)
+        prompts = []
+        for _ in range(batch):
+            before = torch.randint(3, high, (shape["before"],), generator=generator)
+            after = torch.randint(3, high, (shape["after"],), generator=generator)
+            prompts.append(torch.cat([before, torch.full((rows * cols,), shape["image_token"]), after]))
+        input_ids = torch.stack(prompts)
+        return dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                    pixel_values=torch.randn(batch, 3, side, side, generator=generator))
+
+    def grid(self, model, inputs) -> tuple[int, int]:
+        vision = model.config.vision_config
+        side = vision.image_size // vision.patch_size
+        return side, side
+
+    def decode_kwargs(self, step: int) -> dict:
+        return {}
+
+    def visual_features(self, model, inputs: dict) -> Tensor:
+        """(B, n, D) visual tokens of the unpatched tower + projector."""
+        config = model.config
+        features = model.model.get_image_features(
+            pixel_values=inputs["pixel_values"], return_dict=True, vision_feature_layer=config.vision_feature_layer,
+            vision_feature_select_strategy=config.vision_feature_select_strategy).pooler_output
+        return features if torch.is_tensor(features) else torch.stack(list(features))
+
+    def oracle_language_model(self, model, embeds: Tensor, inputs: dict, index: Tensor):
+        return model.model.language_model(inputs_embeds=embeds, use_cache=True)
+
+    def parameters(self, model) -> dict:
+        return dict(tower=_count(model.model.vision_tower), projector=_count(model.model.multi_modal_projector),
+                    language_model=_count(model.model.language_model, model.lm_head))
+
+
+class Qwen2VL(Llava):
+    """Qwen2-VL: a packed-sequence ViT with 2 x 2 patch merger (the projector), a Qwen2 language
+    model with 3-D M-RoPE positions; one image per sample, ``<vision_start>`` image ``<vision_end>``."""
+
+    name, title = "qwen2_vl", "Qwen2-VL-2B-shaped"
+    parts = ("vision encoder", "merger", "language model")
+
+    def __init__(self, shape: dict):
+        self.shape = shape
+        self.image_token = shape["ids"]["image_token_id"]
+        self.next_position: Tensor | None = None
+
+    def build(self, seed: int = 0):
+        from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+        shape = self.shape
+        config = Qwen2VLConfig(text_config=shape["text"], vision_config=shape["vision"], **shape["ids"],
+                               tie_word_embeddings=shape["text"]["tie_word_embeddings"])
+        _sdpa(config, config.text_config, config.vision_config)
+        torch.manual_seed(seed)
+        return Qwen2VLForConditionalGeneration(config).eval().float()
+
+    def sides(self, model) -> list[int]:
+        return list(self.shape["sides"])
+
+    def inputs(self, model, side: int, batch: int, seed: int = 0) -> dict:
+        """Qwen2-VL chat layout: ``before`` text ids, ``<vision_start>``, the image placeholders
+        (side/14 x side/14 patches, merged 2 x 2), ``<vision_end>``, ``after`` text ids; random text
+        ids below the special tokens, random pixel rows, ``mm_token_type_ids`` as the processor gives."""
+        shape, ids = self.shape, self.shape["ids"]
+        vision = model.config.vision_config
+        patches = side // vision.patch_size
+        n = patches * patches // vision.spatial_merge_size ** 2
+        generator = torch.Generator().manual_seed(seed)
+        high = min(shape["text_below"], model.config.text_config.vocab_size)
+        rows = []
+        for _ in range(batch):
+            before = torch.randint(3, high, (shape["before"],), generator=generator)
+            after = torch.randint(3, high, (shape["after"],), generator=generator)
+            rows.append(torch.cat([before, torch.tensor([ids["vision_start_token_id"]]),
+                                   torch.full((n,), self.image_token), torch.tensor([ids["vision_end_token_id"]]),
+                                   after]))
+        input_ids = torch.stack(rows)
+        width = vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2
+        inputs = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                      pixel_values=torch.randn(batch * patches * patches, width, generator=generator),
+                      image_grid_thw=torch.tensor([[1, patches, patches]] * batch),
+                      mm_token_type_ids=(input_ids == self.image_token).int())
+        positions, _ = model.model.get_rope_index(input_ids, inputs["mm_token_type_ids"],
+                                                  image_grid_thw=inputs["image_grid_thw"],
+                                                  attention_mask=inputs["attention_mask"])
+        self.next_position = positions.amax(dim=(0, 2)) + 1  # (B,): the first decode position on all 3 axes
+        return inputs
+
+    def grid(self, model, inputs) -> tuple[int, int]:
+        _, h, w = inputs["image_grid_thw"][0].tolist()
+        merge = model.config.vision_config.spatial_merge_size
+        return h // merge, w // merge
+
+    def decode_kwargs(self, step: int) -> dict:
+        """Explicit 3-D positions (previous + 1, as generate sends): the unpatched forward cannot derive
+        them from a 2-D mask in 5.24; tokred's reduced decode uses its own."""
+        return dict(position_ids=(self.next_position + step)[None, :, None].expand(3, -1, 1))
+
+    def visual_features(self, model, inputs: dict) -> Tensor:
+        features = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"],
+                                                  return_dict=True).pooler_output
+        return torch.stack(list(features))
+
+    def oracle_language_model(self, model, embeds: Tensor, inputs: dict, index: Tensor):
+        """The unpatched language model on the kept tokens with their original 3-D positions."""
+        positions, _ = model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
+                                                  image_grid_thw=inputs["image_grid_thw"],
+                                                  attention_mask=inputs["attention_mask"])
+        return model.model.language_model(inputs_embeds=embeds, position_ids=positions[:, :, index], use_cache=True)
+
+    def parameters(self, model) -> dict:
+        visual = model.model.visual
+        tower = _count(visual) - _count(visual.merger)
+        return dict(tower=tower, projector=_count(visual.merger),
+                    language_model=_count(model.model.language_model, model.lm_head))
+
+
+FAMILIES = {"llava": (Llava, LLAVA_FULL, LLAVA_TINY), "qwen2_vl": (Qwen2VL, QWEN_FULL, QWEN_TINY)}
 
 
 # configurations ----------------------------------------------------------------------------------------
@@ -223,38 +390,36 @@ def next_token(logits, image_token: int):
     return logits.argmax(dim=-1, keepdim=True)
 
 
-def decode(model, inputs: dict, out, steps: int, image_token: int) -> float:
+def decode(model, family, inputs: dict, out, steps: int) -> float:
     """Seconds for ``steps`` greedy decode steps after the prefill ``out``."""
     cache, mask = out.past_key_values, inputs["attention_mask"]
-    token = next_token(out.logits, image_token)
+    token = next_token(out.logits, family.image_token)
     start = time.perf_counter()
-    for _ in range(steps):
+    for i in range(steps):
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-        step = model(input_ids=token, attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        token = next_token(step.logits, image_token)
+        step = model(input_ids=token, attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=1,
+                     **family.decode_kwargs(i))
+        token = next_token(step.logits, family.image_token)
     return time.perf_counter() - start
 
 
-def oracle(model, inputs: dict, count: int, image_token: int):
+def oracle(model, family, inputs: dict, count: int):
     """The unpatched model on a sequence of the reduced length: tower + projector on the full image,
-    then the language model + head on text + ``count`` visual tokens. Returns (seconds, language
-    model seconds, cache)."""
-    base, config = model.model, model.config
+    then the language model + head on text + the first ``count`` visual tokens (for Qwen2-VL with
+    their original 3-D positions). Returns (seconds, language model seconds, cache). Batch rows
+    share one layout."""
+    base = model.model
     ids = inputs["input_ids"]
-    image = (ids[0] == image_token).nonzero().squeeze(1)
+    image = (ids[0] == family.image_token).nonzero().squeeze(1)
     first, last = int(image[0]), int(image[-1])
+    index = torch.cat([torch.arange(first + count), torch.arange(last + 1, ids.shape[1])])
     start = time.perf_counter()
-    features = base.get_image_features(pixel_values=inputs["pixel_values"], return_dict=True,
-                                       vision_feature_layer=config.vision_feature_layer,
-                                       vision_feature_select_strategy=config.vision_feature_select_strategy
-                                       ).pooler_output
-    if not torch.is_tensor(features):
-        features = torch.stack(list(features))
+    features = family.visual_features(model, inputs)
     embed = base.get_input_embeddings()
     embeds = torch.cat([embed(ids[:, :first]), features[:, :count].to(embed.weight.dtype), embed(ids[:, last + 1:])],
                        dim=1)
     middle = time.perf_counter()
-    out = base.language_model(inputs_embeds=embeds, use_cache=True)
+    out = family.oracle_language_model(model, embeds, inputs, index)
     model.lm_head(out.last_hidden_state[:, -1:])
     end = time.perf_counter()
     return end - start, end - middle, out.past_key_values
@@ -353,14 +518,17 @@ def prefill_flops(model) -> dict:
     return dict(report.stages, prefill=report.total, decode_per_token=report.decode_per_token)
 
 
-def run_once(model, inputs: dict, spec: Spec, shape: dict, decode_steps: int, details: bool) -> dict:
+def visual_tokens(family, inputs: dict) -> int:
+    return int((inputs["input_ids"][0] == family.image_token).sum())
+
+
+def run_once(model, family, inputs: dict, spec: Spec, decode_steps: int, details: bool) -> dict:
     """One run of ``spec``: times, and with ``details`` the kept count, FLOPs and KV size."""
-    image_token = shape["image_token"]
-    n = num_patches(model)
+    n = visual_tokens(family, inputs)
     configure(model, spec)
     SELECTION.seconds = 0.0
     if spec.oracle is not None:
-        seconds, lm_seconds, cache = oracle(model, inputs, spec.oracle, image_token)
+        seconds, lm_seconds, cache = oracle(model, family, inputs, spec.oracle)
         run = dict(ttft=seconds, lm=lm_seconds)
         if details:
             run.update(kept=spec.oracle, kv_mb=kv_megabytes(cache))
@@ -373,14 +541,13 @@ def run_once(model, inputs: dict, spec: Spec, shape: dict, decode_steps: int, de
             run["flops"] = prefill_flops(model)
             run["kept"] = tokred.last_trace(model).final_tokens - (inputs["input_ids"].shape[1] - n)
     if decode_steps:
-        run["decode"] = decode(model, inputs, out, decode_steps, image_token)
+        run["decode"] = decode(model, family, inputs, out, decode_steps)
     return run
 
 
-def oracle_flops(model, inputs: dict, count: int) -> dict:
-    """The oracle computes what a projector-stage Random keeping ``count`` tokens computes (Random
-    has no FLOPs of its own): tokred's count of that run."""
-    n = num_patches(model)
+def oracle_flops(model, inputs: dict, n: int, count: int) -> dict:
+    """The oracle computes what a projector-stage Random keeping ``count`` of ``n`` tokens computes
+    (Random has no FLOPs of its own): tokred's count of that run."""
     if count == n:
         tokred.remove(model)
         report = tokred.flops(model, **inputs, use_cache=True, logits_to_keep=1)
@@ -394,26 +561,23 @@ def oracle_flops(model, inputs: dict, count: int) -> dict:
     return flops
 
 
-def benchmark(args) -> dict:
-    shape = TINY if args.tiny else FULL
-    rounds = args.rounds if args.rounds is not None else shape["rounds"]
-    decode_steps = args.decode_steps if args.decode_steps is not None else shape["decode_steps"]
-    ks = tuple(args.ks) if args.ks else shape["ks"]
-    torch.set_num_threads(args.threads)
+def benchmark(args, family, model, side: int, ks: tuple[int, ...], rounds: int, decode_steps: int) -> dict:
+    """Every configuration on one image size, interleaved over ``rounds`` timed rounds."""
     started = time.perf_counter()
-    model = build_model(shape, args.seed)
-    inputs = build_inputs(model, shape, args.batch, args.seed)
-    side = model.config.vision_config.image_size // model.config.vision_config.patch_size
-    n = side * side
-    specs = make_specs(ks, (side, side))
+    inputs = family.inputs(model, side, args.batch, args.seed)
+    n = visual_tokens(family, inputs)
+    specs = make_specs(ks, family.grid(model, inputs))
+    if args.only:  # the unreduced and full-length oracle rows are the references: always kept
+        specs = [spec for spec in specs if spec.key in args.only or spec.key in ("none", f"oracle-{n}")]
     measured = {spec.key: Measured() for spec in specs}
     libc = _libc()
-    progress = tqdm(total=len(specs) * (rounds + 3), desc="bench_vlm", disable=args.no_progress)
+    passes = rounds + 2 + (0 if args.no_memory else 1)
+    progress = tqdm(total=len(specs) * passes, desc=f"bench_vlm {family.name} {n}", disable=args.no_progress)
     with torch.inference_mode():
         for spec in specs:  # FLOPs of the unreduced model and of the oracles: untimed runs
             progress.set_postfix_str(f"FLOPs {spec.key}")
             if spec.reducer is None:
-                measured[spec.key].flops = oracle_flops(model, inputs, spec.oracle or n)
+                measured[spec.key].flops = oracle_flops(model, inputs, n, spec.oracle or n)
                 measured[spec.key].kept = spec.oracle or n
             progress.update()
         names = [spec.key for spec in specs]
@@ -422,7 +586,7 @@ def benchmark(args) -> dict:
             shift = round_index % len(names)
             for key in names[shift:] + names[:shift]:
                 progress.set_postfix_str(f"round {round_index}/{rounds} {key}")
-                run = run_once(model, inputs, by_key[key], shape, decode_steps, details=round_index == 0)
+                run = run_once(model, family, inputs, by_key[key], decode_steps, details=round_index == 0)
                 m = measured[key]
                 if round_index == 0:
                     m.kv_mb = run["kv_mb"]
@@ -431,13 +595,13 @@ def benchmark(args) -> dict:
                 else:
                     m.add(run)
                 progress.update()
-        for i, spec in enumerate(specs):  # memory pass, after the timing rounds
+        for i, spec in enumerate([] if args.no_memory else specs):  # memory pass, after the timing rounds
             progress.set_postfix_str(f"memory {spec.key}")
             configure(model, spec)
             release_freed_memory(libc, i == 0)
             with PeakRss() as peak:
                 if spec.oracle is not None:
-                    result = oracle(model, inputs, spec.oracle, shape["image_token"])
+                    result = oracle(model, family, inputs, spec.oracle)
                 else:
                     result = prefill(model, inputs)
             del result
@@ -446,16 +610,17 @@ def benchmark(args) -> dict:
         tokred.remove(model)
     progress.close()
     rows = summarise(specs, measured, model.config.text_config.num_hidden_layers, decode_steps, args.batch)
-    tower = sum(p.numel() for p in model.model.vision_tower.parameters())
-    projector = sum(p.numel() for p in model.model.multi_modal_projector.parameters())
-    language = sum(p.numel() for p in model.model.language_model.parameters()) + model.lm_head.weight.numel()
     import transformers
-    return dict(rows=rows, tiny=args.tiny, rounds=rounds, decode_steps=decode_steps, batch=args.batch,
-                threads=torch.get_num_threads(), ks=list(ks), llm_layer=LLM_LAYER,
+    length = int(inputs["input_ids"].shape[1])
+    shape = family.shape
+    title = family.title + (" (tiny)" if args.tiny else "")
+    return dict(family=family.name, title=title, parts=list(family.parts), rows=rows, tiny=args.tiny, rounds=rounds,
+                decode_steps=decode_steps, batch=args.batch, threads=torch.get_num_threads(),
+                ks=list(ks), llm_layer=LLM_LAYER, image_side=side, grid=list(family.grid(model, inputs)),
                 prompt=dict(before=shape["before"], image=n, after=shape["after"],
-                            total=int(inputs["input_ids"].shape[1])),
-                parameters=dict(tower=tower, projector=projector, language_model=language),
-                shapes=dict(tower=shape["tower"], text=shape["text"]), seconds=time.perf_counter() - started,
+                            markers=length - shape["before"] - n - shape["after"], total=length),
+                parameters=family.parameters(model),
+                shapes={k: v for k, v in shape.items() if isinstance(v, dict)}, seconds=time.perf_counter() - started,
                 torch=torch.__version__, transformers=transformers.__version__, python=platform.python_version(),
                 cpu_count=os.cpu_count())
 
@@ -531,11 +696,15 @@ def markdown(result: dict) -> str:
     none, full_oracle = result["rows"][0], result["rows"][1]
     params, prompt = result["parameters"], result["prompt"]
     lines.append("")
-    lines.append(f"{prompt['total']} prompt tokens ({prompt['before']} + {prompt['image']} image + {prompt['after']}), "
-                 f"batch {result['batch']}, {result['threads']} threads, {result['rounds']} rounds + warm-up; "
-                 f"parameters: tower {params['tower'] / 1e6:.3g}M, projector {params['projector'] / 1e6:.3g}M, "
-                 f"language model {params['language_model'] / 1e6:.3g}M. Full-length oracle: tower + projector "
-                 f"{_num(full_oracle['ttft_s'] - full_oracle['lm_s'])} s, language model + head "
+    tower, projector, language = result.get("parts", ("tower", "projector", "language model"))
+    markers = f" + {prompt['markers']} markers" if prompt.get("markers") else ""
+    threads = f"{result['threads']} thread" + ("s" if result["threads"] != 1 else "")
+    lines.append(f"{result.get('title', 'LLaVA-1.5-shaped')}, {prompt['total']} prompt tokens ({prompt['before']} + "
+                 f"{prompt['image']} image{markers} + {prompt['after']}), "
+                 f"batch {result['batch']}, {threads} (torch.set_num_threads), {result['rounds']} rounds + warm-up; "
+                 f"parameters: {tower} {params['tower'] / 1e6:.3g}M, {projector} {params['projector'] / 1e6:.3g}M, "
+                 f"{language} {params['language_model'] / 1e6:.3g}M. Full-length oracle: {tower} + {projector} "
+                 f"{_num(full_oracle['ttft_s'] - full_oracle['lm_s'])} s, {language} + head "
                  f"{_num(full_oracle['lm_s'])} s. Unreduced decode {_fmt(none.get('decode_tokens_per_s'), '.2f')} "
                  f"tok/s. Run took {result['seconds'] / 60:.1f} min.")
     return "\n".join(lines)
@@ -543,23 +712,59 @@ def markdown(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--family", choices=("llava", "qwen2_vl", "all"), default="all",
+                        help="model family: the LLaVA-1.5-shaped model, the Qwen2-VL-2B-shaped one, or both")
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds after the warm-up (default 3; tiny 1)")
-    parser.add_argument("--decode-steps", type=int, default=None, help="decode steps timed after each prefill (8)")
+    parser.add_argument("--decode-steps", type=int, default=None,
+                        help="decode steps timed after each prefill (LLaVA 8, Qwen2-VL 4)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--ks", type=int, nargs="+", help="kept visual token counts (default 64 128 192)")
+    parser.add_argument("--ks", type=int, nargs="+", help="LLaVA: kept visual token counts (default 64 128 192)")
+    parser.add_argument("--keeps", type=float, nargs="+",
+                        help="Qwen2-VL: kept fractions of each image's visual tokens (default 0.25)")
+    parser.add_argument("--qwen-sides", type=int, nargs="+",
+                        help="Qwen2-VL: square image sides in pixels, one run each (default 448 = 256 visual tokens; "
+                             "896 = 1024)")
+    parser.add_argument("--only", nargs="+", metavar="KEY",
+                        help="run only these rows (e.g. divprune-256 dart-256 oracle-256); the unreduced and "
+                             "full-length oracle rows always run")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--tiny", action="store_true", help="a toy model (16 visual tokens) for smoke tests")
-    parser.add_argument("--json", type=Path, help="also write every number here")
+    parser.add_argument("--tiny", action="store_true", help="toy models (16 visual tokens) for smoke tests")
+    parser.add_argument("--json", type=Path, help="also write every number here ({'runs': [one per table]})")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    result = benchmark(args)
-    print(markdown(result))
+    torch.set_num_threads(args.threads)
+    runs = []
+    for name in ("llava", "qwen2_vl") if args.family == "all" else (args.family,):
+        family_class, full, tiny = FAMILIES[name]
+        shape = tiny if args.tiny else full
+        family = family_class(shape)
+        rounds = args.rounds if args.rounds is not None else shape["rounds"]
+        decode_steps = args.decode_steps if args.decode_steps is not None else shape["decode_steps"]
+        started = time.perf_counter()
+        model = family.build(args.seed)
+        built = time.perf_counter() - started
+        sides = (args.qwen_sides or family.sides(model)) if name == "qwen2_vl" else family.sides(model)
+        for side in sides:
+            if name == "llava":
+                ks = tuple(args.ks) if args.ks else shape["ks"]
+            else:
+                patches = side // model.config.vision_config.patch_size
+                n = patches * patches // model.config.vision_config.spatial_merge_size ** 2
+                ks = tuple(round(keep * n) for keep in (args.keeps or shape["keeps"]))
+            result = benchmark(args, family, model, side, ks, rounds, decode_steps)
+            result["build_seconds"] = built
+            runs.append(result)
+            print(f"\n{result['title']}, {result['prompt']['image']} visual tokens:\n")
+            print(markdown(result), flush=True)
+        del model
+        gc.collect()
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2, default=str))
+        args.json.write_text(json.dumps(dict(runs=runs), indent=2, default=str))
         print(f"wrote {args.json}")
-    return result
+    return dict(runs=runs)
 
 
 if __name__ == "__main__":

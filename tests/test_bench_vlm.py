@@ -1,5 +1,5 @@
-"""evals/bench_vlm.py end to end on its tiny LLaVA (16 visual tokens), in a subprocess (the memory pass
-changes the process's malloc settings)."""
+"""evals/bench_vlm.py end to end on its tiny LLaVA and tiny Qwen2-VL (16 visual tokens each), in a
+subprocess (the memory pass changes the process's malloc settings)."""
 from __future__ import annotations
 
 import json
@@ -20,33 +20,78 @@ def test_bench_vlm_tiny_runs_and_reports_every_configuration(tmp_path):
     out = tmp_path / "bench_vlm.json"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     done = subprocess.run([sys.executable, str(REPO / "evals" / "bench_vlm.py"), "--tiny", "--no-progress",
-                           "--json", str(out)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+                           "--threads", "1", "--json", str(out)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(out.read_text())
-    rows = {row["key"]: row for row in result["rows"]}
-    assert list(rows) == EXPECTED
+    runs = json.loads(out.read_text())["runs"]
+    assert [run["family"] for run in runs] == ["llava", "qwen2_vl"]  # --family defaults to all
 
     table = [line for line in done.stdout.splitlines() if line.startswith("| ") and not line.startswith("| reducer")]
-    assert len(table) == len(EXPECTED)
+    assert len(table) == 2 * len(EXPECTED)
     labels = [line.split(" | ")[0].lstrip("| ") for line in table]
-    assert labels == [row["reducer"] for row in result["rows"]]
+    assert labels == [row["reducer"] for run in runs for row in run["rows"]]
 
-    none = rows["none"]
-    assert none["kept"] == 16 and none["flops_ratio"] == 1.0 and none["ttft_ratio"] == 1.0
-    assert none["flops"]["prefill"] == rows["oracle-16"]["flops"]["prefill"]
-    for key, row in rows.items():
-        if key in ("none", "oracle-16"):
-            continue
-        # every reduction runs fewer FLOPs than the unreduced model, and keeps what it was asked to
-        assert row["flops"]["prefill"] < none["flops"]["prefill"], key
-        assert row["kept"] == {"pool-2x2": 4, "pool-1x2": 8}.get(key, row["target"]), key
-        assert row["ttft_s"] > 0 and math.isfinite(row["vs_oracle_bound"]), key
-        if not key.startswith("oracle"):
-            assert 0 <= row["selection_share"] < 1 and row["decode_ratio"] > 0, key
-    for k in (4, 8):
-        # projector rows without reducer FLOPs compute exactly what the oracle on k tokens computes
-        assert rows[f"random-{k}"]["flops"]["prefill"] == rows[f"oracle-{k}"]["flops"]["prefill"]
-        assert rows[f"divprune-{k}"]["flops"]["prefill"] > rows[f"random-{k}"]["flops"]["prefill"]
-        # llm-stage reducers run their first K layers at full length
-        assert rows[f"dart-{k}"]["flops"]["prefill"] > rows[f"random-{k}"]["flops"]["prefill"]
-        assert rows[f"fastv-{k}"]["kv_mb"] > rows[f"random-{k}"]["kv_mb"]
+    for run in runs:
+        family = run["family"]
+        rows = {row["key"]: row for row in run["rows"]}
+        assert list(rows) == EXPECTED, family
+        assert run["threads"] == 1 and run["prompt"]["image"] == 16, family
+        assert run["prompt"]["markers"] == (2 if family == "qwen2_vl" else 0)
+
+        none = rows["none"]
+        assert none["kept"] == 16 and none["flops_ratio"] == 1.0 and none["ttft_ratio"] == 1.0
+        assert none["flops"]["prefill"] == rows["oracle-16"]["flops"]["prefill"]
+        for key, row in rows.items():
+            if key in ("none", "oracle-16"):
+                continue
+            # every reduction runs fewer FLOPs than the unreduced model, and keeps what it was asked to
+            assert row["flops"]["prefill"] < none["flops"]["prefill"], (family, key)
+            assert row["kept"] == {"pool-2x2": 4, "pool-1x2": 8}.get(key, row["target"]), (family, key)
+            assert row["ttft_s"] > 0 and math.isfinite(row["vs_oracle_bound"]), (family, key)
+            if not key.startswith("oracle"):
+                assert 0 <= row["selection_share"] < 1 and row["decode_ratio"] > 0, (family, key)
+        for k in (4, 8):
+            # projector rows without reducer FLOPs compute exactly what the oracle on k tokens computes
+            assert rows[f"random-{k}"]["flops"]["prefill"] == rows[f"oracle-{k}"]["flops"]["prefill"], family
+            assert rows[f"divprune-{k}"]["flops"]["prefill"] > rows[f"random-{k}"]["flops"]["prefill"], family
+            # llm-stage reducers run their first K layers at full length
+            assert rows[f"dart-{k}"]["flops"]["prefill"] > rows[f"random-{k}"]["flops"]["prefill"], family
+            assert rows[f"fastv-{k}"]["kv_mb"] > rows[f"random-{k}"]["kv_mb"], family
+            # the oracle's cache is exactly as long as a projector-stage reducer's
+            assert rows[f"oracle-{k}"]["kv_mb"] == rows[f"random-{k}"]["kv_mb"], family
+
+
+def test_bench_vlm_qwen_oracle_matches_the_reduced_model():
+    """The Qwen2-VL oracle (unpatched language model on the kept tokens at their original 3-D
+    positions) gives the logits of tokred's projector-stage reduction keeping the same tokens."""
+    sys.path.insert(0, str(REPO / "evals"))
+    try:
+        import bench_vlm
+    finally:
+        sys.path.remove(str(REPO / "evals"))
+    import torch
+
+    import tokred
+
+    family = bench_vlm.Qwen2VL(bench_vlm.QWEN_TINY)
+    model = family.build()
+    inputs = family.inputs(model, 112, batch=1)
+    with torch.inference_mode():
+        features = family.visual_features(model, inputs)
+        ids = inputs["input_ids"]
+        image = (ids[0] == family.image_token).nonzero().squeeze(1)
+        first, last = int(image[0]), int(image[-1])
+        index = torch.cat([torch.arange(first + 4), torch.arange(last + 1, ids.shape[1])])
+        embed = model.model.get_input_embeddings()
+        embeds = torch.cat([embed(ids[:, :first]), features[:, :4], embed(ids[:, last + 1:])], dim=1)
+        expected = model.lm_head(family.oracle_language_model(model, embeds, inputs, index).last_hidden_state[:, -1:])
+
+        class First(tokred.Random):  # keeps the first 4 tokens, as the oracle does
+            def plan_images(self, x, grid=None):
+                plan = super().plan_images(x, grid)
+                plan.keep = torch.arange(4).expand(x.shape[0], -1)
+                return plan
+
+        with tokred.applied(model, First(keep=0.25, stage="projector")):
+            got = model(**inputs, logits_to_keep=1).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
