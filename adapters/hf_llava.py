@@ -9,7 +9,7 @@ Stages:
   the crop grid (AnyRes packing, newline tokens), which needs every patch. Each image's remaining
   tokens fill the first slots of its placeholder run; the run's other placeholders are dropped.
 - ``projector``: on each image's projected visual tokens (``plan_images``), before the language model.
-- ``llm``: before decoder layer K, on the hidden states (``keep_mask``).
+- ``llm``: before decoder layer K, in the core language-model engine (:mod:`tokred.decoder`).
 
 What all VLM families share (placeholders, the projector stage, the hand-off to the core
 language-model engine, outputs, trace, FLOPs of the language model) is
