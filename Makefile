@@ -1,8 +1,12 @@
 # The README's commands. Each sets up its virtual environment on a fresh clone first.
 #   make test        the suite on the newest releases the resolver picks (.venv)
 #   make test-floor  the suite on the lowest supported releases, constraints/floor.txt (.venv-floor)
+#   make test-wheel  builds the wheel, installs it alone in a fresh venv (.venv-wheel, created for the run
+#                    and removed after it, nothing shared with .venv) and runs the CLI from a temporary folder outside
+#                    the source tree: the demo assets must come from the wheel
 VENV ?= .venv
 FLOOR_VENV ?= .venv-floor
+WHEEL_VENV ?= .venv-wheel
 FLOOR := constraints/floor.txt
 PYTHON ?= python3
 PY := $(VENV)/bin/python
@@ -12,7 +16,7 @@ FLOOR_STAMP := $(FLOOR_VENV)/.tokred-installed
 # prints the releases a run uses
 VERSIONS := -c "import importlib.metadata as m; print('versions:', *(p + '==' + m.version(p) for p in ('torch', 'torchvision', 'transformers', 'timm', 'open_clip_torch')))"
 
-.PHONY: bench test test-floor
+.PHONY: bench test test-floor test-wheel
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,3 +40,23 @@ test: $(STAMP)
 test-floor: $(FLOOR_STAMP)
 	$(FLOOR_PY) $(VERSIONS)
 	$(FLOOR_PY) -m pytest -q
+
+# Short runs (about a minute in all): the reference model on 64 digits with two settings and three
+# timing rounds, the picture of one digit, and the one-line message of a missing extra (the wheel
+# venv has no scikit-learn, which `tokred sweep` needs).
+test-wheel:
+	rm -rf dist build $(WHEEL_VENV)
+	$(PYTHON) -m venv $(WHEEL_VENV)
+	$(WHEEL_VENV)/bin/python -m pip install --upgrade pip
+	$(WHEEL_VENV)/bin/python -m pip wheel --no-deps -w dist .
+	$(WHEEL_VENV)/bin/python -m pip install dist/tokred-*.whl
+	set -e; WHEEL_BIN="$$(pwd)/$(WHEEL_VENV)/bin"; RUN="$$(mktemp -d)"; cd "$$RUN"; \
+	"$$WHEEL_BIN/python" -c "import tokred, tokred.reference as r; print('tokred from', tokred.__file__); assert '$(CURDIR)/tokred' not in tokred.__file__; print('assets from', r.assets_dir())"; \
+	"$$WHEEL_BIN/tokred" --version; \
+	"$$WHEEL_BIN/tokred" bench --limit 64 --batch-size 64 --rounds 3 --reducers none,tome:r=4 --threads 1 --no-progress; \
+	"$$WHEEL_BIN/tokred" viz; \
+	"$$WHEEL_BIN/tokred" viz --model vit_tiny_patch16_224 --layers 0,11; \
+	if "$$WHEEL_BIN/tokred" sweep 2> sweep.err; then echo "tokred sweep ran without scikit-learn"; exit 1; fi; \
+	cat sweep.err; grep -q "pip install 'tokred\[sweep\]'" sweep.err; \
+	ls -l results/bench results/viz; cd /; rm -rf "$$RUN"
+	rm -rf $(WHEEL_VENV) build  # several GB, recreated by the next run; dist/ keeps the wheel

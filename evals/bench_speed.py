@@ -25,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 import tokred
+from tokred.cli import tables
 from tokred.signals import Signal
 
 CASES = {
@@ -104,15 +105,13 @@ def run_case(name: str, rounds: int) -> list[dict]:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| model | px | batch | reducer | tokens after last block | GFLOPs/img | FLOPs-predicted speedup "
-             "| measured speedup (IQR) | measured ÷ predicted | reducer overhead share |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for row in rows:
-        lines.append(f"| {row['model']} | {row['image_size']} | {row['batch']} | {row['reducer']} | "
-                     f"{row['tokens_last_layer']} | {row['gflops_per_image']:.2f} | {row['flops_ratio']:.3f}x | "
-                     f"{row['throughput_ratio']:.3f}x ({row['throughput_ratio_iqr'][0]:.2f}-{row['throughput_ratio_iqr'][1]:.2f}) | "
-                     f"{row['of_predicted']:.3f} | {100 * row['overhead_share']:.1f}% |")
-    return "\n".join(lines)
+    cells = [[row["model"], row["image_size"], row["batch"], row["reducer"], row["tokens_last_layer"],
+              f"{row['gflops_per_image']:.2f}", f"{row['flops_ratio']:.3f}x",
+              f"{row['throughput_ratio']:.3f}x ({row['throughput_ratio_iqr'][0]:.2f}-{row['throughput_ratio_iqr'][1]:.2f})",
+              f"{row['of_predicted']:.3f}", f"{100 * row['overhead_share']:.1f}%"] for row in rows]
+    return tables.markdown(cells, ["model", "px", "batch", "reducer", "tokens after last block", "GFLOPs/img",
+                                   "FLOPs-predicted speedup", "measured speedup (IQR)", "measured ÷ predicted",
+                                   "reducer overhead share"], align="lrrlrrrrrr")
 
 
 def main() -> None:

@@ -7,13 +7,19 @@ the unreduced model's predictions, and retrieval recall@1/5 (both directions) wi
 the top-1 retrieved item. Text features come from the text tower once (tokred never touches it);
 FLOPs are the image tower's (patch embedding, blocks, reducer overhead, pooling and projection).
 
-    # zero-shot on an ImageFolder (class names = folder names, prompt "a photo of a {}.")
+    # zero-shot on an ImageFolder: ImageNet's val folder (1000 synset folders n01440764, ...) gets
+    # open_clip's ImageNet class names; any other folder dataset its folder names
     python evals/open_clip_eval.py --model ViT-B-32 --pretrained laion2b_s34b_b79k \\
-        --data ~/data/imagenette/val --reducers none,tome:r=4,tome:r=8,pitome:keep=0.9
+        --data ~/data/imagenet/val --reducers none,tome:r=4,tome:r=8,pitome:keep=0.9
     # retrieval on a tab-separated file of "image path<TAB>caption" lines (paths relative to it)
     python evals/open_clip_eval.py --model ViT-B-16 --pretrained openai --retrieval captions.tsv
     # a tiny random model on random images: runs offline in seconds (smoke test)
     python evals/open_clip_eval.py --tiny
+
+Zero-shot classifiers come from open_clip itself: ``open_clip.build_zero_shot_classifier`` over the
+class names and prompt templates (by default ``open_clip.OPENAI_IMAGENET_TEMPLATES``, the 80 prompts
+of the CLIP paper; ``--templates simple`` for ``SIMPLE_IMAGENET_TEMPLATES``, ``--template`` for one
+prompt of your own), with the class names of ``open_clip.IMAGENET_CLASSNAMES`` for ImageNet.
 
 Weights: ``--pretrained`` is an open_clip pretrained tag (``open_clip.list_pretrained()``) or the
 path of a local checkpoint file. Nothing is downloaded unless ``--allow-download`` is given: the
@@ -26,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import sys
 import zlib
@@ -36,7 +43,8 @@ import torch
 from torch import Tensor
 
 DEFAULT_REDUCERS = "none,tome:r=4,tome:r=8,pitome:keep=0.9"
-TEMPLATE = "a photo of a {}."
+#: ImageNet's class folders: 1000 WordNet synset ids (sorted, they are the class indices of open_clip's names)
+IMAGENET_SYNSET = re.compile(r"n\d{8}")
 TINY_CLASSES = ["cat", "dog", "car", "tree"]
 
 
@@ -86,13 +94,15 @@ def load_model(args):
 class Task:
     """Images (batches of tensors), the texts to compare them with, and the ground truth.
 
-    Zero-shot: ``texts`` are the class prompts and ``targets[i]`` the class of image i.
-    Retrieval: ``texts`` are captions, ``caption_image[j]`` the image of caption j.
+    Zero-shot: ``texts`` are the class names (the classifier averages ``templates`` over each) and
+    ``targets[i]`` the class of image i. Retrieval: ``texts`` are captions, ``caption_image[j]`` the
+    image of caption j.
     """
 
     name: str
     batches: object  # iterable of (images, targets)
     texts: list[str]
+    templates: list | None = None
     targets: Tensor | None = None
     caption_image: Tensor | None = None
     num_images: int = 0
@@ -106,16 +116,44 @@ def _subset(dataset, limit):
     return torch.utils.data.Subset(dataset, indices)
 
 
+def is_imagenet(folders: list[str]) -> bool:
+    """Whether ImageFolder classes are ImageNet-1k's: 1000 synset-id folders (their sorted order is
+    the class order of ``open_clip.IMAGENET_CLASSNAMES``)."""
+    return len(folders) == 1000 and all(IMAGENET_SYNSET.fullmatch(name) for name in folders)
+
+
+def class_names(folders: list[str], choice: str = "auto") -> list[str]:
+    """Zero-shot class names for ImageFolder ``folders``: open_clip's ImageNet names (``imagenet``;
+    ``auto`` when the folders are ImageNet's synsets), else the folder names with ``_`` as spaces."""
+    from open_clip import IMAGENET_CLASSNAMES
+
+    if choice == "imagenet" or (choice == "auto" and is_imagenet(folders)):
+        if len(folders) != len(IMAGENET_CLASSNAMES):
+            raise ValueError(f"--classnames imagenet needs ImageNet-1k's {len(IMAGENET_CLASSNAMES)} class folders, "
+                             f"got {len(folders)}")
+        return list(IMAGENET_CLASSNAMES)
+    return [name.replace("_", " ") for name in folders]
+
+
+def templates(args) -> list:
+    """The prompt templates: ``--template`` alone, else open_clip's OpenAI or simple ImageNet set."""
+    from open_clip import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
+
+    if args.template is not None:
+        return [args.template]
+    return list(OPENAI_IMAGENET_TEMPLATES if args.templates == "openai" else SIMPLE_IMAGENET_TEMPLATES)
+
+
 def zero_shot_task(args, preprocess) -> Task:
     from torchvision.datasets import ImageFolder
 
     dataset = ImageFolder(str(args.data), transform=preprocess)
     if len(dataset) == 0:
         raise ValueError(f"no images found in {args.data}")
-    classes = [name.replace("_", " ") for name in dataset.classes]
+    classes = class_names(dataset.classes, args.classnames)
     dataset = _subset(dataset, args.limit)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers)
-    return Task("zero_shot", loader, [args.template.format(c) for c in classes], num_images=len(dataset))
+    return Task("zero_shot", loader, classes, templates=templates(args), num_images=len(dataset))
 
 
 class _CaptionImages(torch.utils.data.Dataset):
@@ -165,7 +203,7 @@ def tiny_tasks(args) -> list[Task]:
     labels = torch.randint(0, len(TINY_CLASSES), (count,), generator=generator)
     batches = [(images[i:i + args.batch_size], labels[i:i + args.batch_size]) for i in range(0, count, args.batch_size)]
     captions = [f"a photo of a {TINY_CLASSES[int(label)]} number {i}" for i, label in enumerate(labels)]
-    return [Task("zero_shot", batches, [args.template.format(c) for c in TINY_CLASSES], num_images=count),
+    return [Task("zero_shot", batches, list(TINY_CLASSES), templates=templates(args), num_images=count),
             Task("retrieval", batches, captions, caption_image=torch.arange(count), num_images=count)]
 
 
@@ -183,6 +221,7 @@ class Setting:
 
 @torch.inference_mode()
 def encode_texts(model, tokenizer, texts: list[str], device, batch_size: int) -> Tensor:
+    """Normalised text features (len(texts), dim) of captions."""
     chunks = [model.encode_text(tokenizer(texts[i:i + batch_size]).to(device), normalize=True)
               for i in range(0, len(texts), batch_size)]
     return torch.cat(chunks).float().cpu()
@@ -256,7 +295,13 @@ def evaluate(model, tokenizer, tasks: list[Task], specs: str, device="cpu", batc
                 pass
     rows = {setting.label: {} for setting in settings}
     for task in tasks:
-        text_features = encode_texts(model, tokenizer, task.texts, device, batch_size)
+        if task.name == "zero_shot":  # (classes, dim): open_clip's classifier, templates averaged per class
+            from open_clip import build_zero_shot_classifier
+
+            text_features = build_zero_shot_classifier(model, tokenizer, task.texts, task.templates,
+                                                       device=device).t().float().cpu()
+        else:
+            text_features = encode_texts(model, tokenizer, task.texts, device, batch_size)
         targets = encode_images(model, task, settings, device, progress)
         full = torch.cat(settings[0].features[task.name]) @ text_features.t()
         for setting in settings[1:]:
@@ -284,23 +329,18 @@ def evaluate(model, tokenizer, tasks: list[Task], specs: str, device="cpu", batc
 
 
 def format_table(results: list[dict]) -> str:
-    def pct(value):
-        return "n/a" if value is None else f"{100 * value:.2f}%"
+    """One Markdown row per reducer spec (:func:`tokred.cli.tables.markdown`)."""
+    from tokred.cli.tables import markdown, percent
 
-    header = ["reducer", "tokens", "GFLOPs/img", "FLOPs ratio", "zs top-1", "zs agree", "i2t R@1", "t2i R@1",
-              "i2t agree"]
-    lines = []
+    rows = []
     for row in results:
         zs, rt = row["zero_shot"] or {}, row["retrieval"] or {}
-        lines.append([row["reducer"], f"{row['tokens_final']:g}", f"{row['gflops_per_image']:.4f}",
-                      f"{row['flops_ratio']:.3f}", pct(zs.get("top1")), pct(zs.get("agreement")),
-                      pct(rt.get("image_to_text_r1")), pct(rt.get("text_to_image_r1")),
-                      pct(rt.get("image_to_text_agreement"))])
-    widths = [max(len(cell) for cell in column) for column in zip(header, *lines)]
-    out = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
-           for line in [header, *lines]]
-    out.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(out)
+        rows.append([row["reducer"], f"{row['tokens_final']:g}", f"{row['gflops_per_image']:.4f}",
+                     f"{row['flops_ratio']:.3f}", percent(zs.get("top1")), percent(zs.get("agreement")),
+                     percent(rt.get("image_to_text_r1")), percent(rt.get("text_to_image_r1")),
+                     percent(rt.get("image_to_text_agreement"))])
+    return markdown(rows, ["reducer", "tokens", "GFLOPs/img", "FLOPs ratio", "zs top-1", "zs agree", "i2t R@1",
+                           "t2i R@1", "i2t agree"])
 
 
 # command line ---------------------------------------------------------------------------------------
@@ -316,7 +356,13 @@ def parse_args(argv=None):
     parser.add_argument("--data", type=Path, default=None, help="ImageFolder for zero-shot classification")
     parser.add_argument("--retrieval", type=Path, default=None,
                         help="text file of 'image path<TAB>caption' lines for image-text retrieval")
-    parser.add_argument("--template", default=TEMPLATE, help=f"zero-shot prompt (default '{TEMPLATE}')")
+    parser.add_argument("--classnames", choices=["auto", "imagenet", "folders"], default="auto",
+                        help="zero-shot class names: open_clip's ImageNet names, or the folder names (default auto: "
+                             "ImageNet's when --data has its 1000 synset folders n01440764 ..., else the folder names)")
+    parser.add_argument("--templates", choices=["openai", "simple"], default="openai",
+                        help="open_clip's prompt set: OPENAI_IMAGENET_TEMPLATES (80, default) or "
+                             "SIMPLE_IMAGENET_TEMPLATES")
+    parser.add_argument("--template", default=None, help="one zero-shot prompt instead, e.g. 'a photo of a {}.'")
     parser.add_argument("--reducers", default=DEFAULT_REDUCERS,
                         help=f"comma-separated reducer specs as in `tokred bench` (default: {DEFAULT_REDUCERS})")
     parser.add_argument("--limit", type=int, default=None, help="maximum number of images per task")
@@ -333,7 +379,7 @@ def parse_args(argv=None):
         parser.error(f"--limit must be >= 1, got {args.limit}")
     if args.batch_size < 1:
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
-    if "{}" not in args.template:
+    if args.template is not None and "{}" not in args.template:
         parser.error("--template needs a '{}' for the class name")
     if not args.tiny and args.data is None and args.retrieval is None:
         parser.error("give --data (zero-shot) and/or --retrieval, or --tiny for the offline smoke run")
@@ -380,7 +426,8 @@ def main(argv=None) -> int:
         import open_clip
 
         report = {"settings": {"model": described, "pretrained": args.pretrained, "data": str(args.data),
-                               "retrieval": str(args.retrieval), "template": args.template, "limit": args.limit,
+                               "retrieval": str(args.retrieval), "classnames": args.classnames,
+                               "templates": args.template or args.templates, "limit": args.limit,
                                "batch_size": args.batch_size, "device": str(args.device), "notes": notes},
                   "results": results,
                   "versions": {"tokred": tokred.__version__, "open_clip": open_clip.__version__,

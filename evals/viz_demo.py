@@ -19,6 +19,7 @@ from torchvision.transforms.functional import normalize, pil_to_tensor
 
 import tokred
 from tokred import viz
+from tokred.reference import assets_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -28,7 +29,7 @@ def main(argv=None) -> None:
     parser.add_argument("--pretrained", action="store_true",
                         help="load timm's pretrained weights (needs a download); without it the weights are random")
     parser.add_argument("--model", default="vit_small_patch16_224")
-    parser.add_argument("--image", type=Path, default=ROOT / "assets" / "sample.jpg")
+    parser.add_argument("--image", type=Path, default=assets_dir() / "sample.jpg")
     parser.add_argument("--r", type=int, default=16, help="tokens ToMe merges per layer")
     parser.add_argument("--layers", type=int, nargs="+", default=[2, 5, 8, 11])
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "viz" / "sample_tome.png")

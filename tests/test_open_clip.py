@@ -452,12 +452,27 @@ def test_eval_driver_reads_image_folders_and_caption_files(eval_driver, tmp_path
                                    "--retrieval", str(tmp_path / "captions.tsv"), "--limit", "3"])
     model, preprocess, tokenizer = eval_driver.tiny_model()
     zero_shot = eval_driver.zero_shot_task(args, preprocess)
-    assert zero_shot.texts == ["a photo of a golden retriever.", "a photo of a tabby cat."]
+    assert zero_shot.texts == ["golden retriever", "tabby cat"]  # not ImageNet: the folder names
+    assert len(zero_shot.templates) == 80 and zero_shot.templates[0]("cat") == "a bad photo of a cat."
     retrieval = eval_driver.retrieval_task(args, preprocess)
     assert retrieval.num_images == 3 and retrieval.caption_image.tolist() == [0, 0, 1, 1, 2, 2]
     results = eval_driver.evaluate(model, tokenizer, [zero_shot, retrieval], "tome:r=3", progress=False)
     assert results[0]["zero_shot"]["num_images"] == 3 and results[0]["retrieval"]["num_captions"] == 6
     assert type(model.visual) is VisionTransformer  # unpatched afterwards
+
+
+def test_zero_shot_uses_open_clip_imagenet_names_and_templates(eval_driver):
+    import open_clip
+
+    synsets = [f"n{index:08d}" for index in range(1000)]
+    assert eval_driver.class_names(synsets) == list(open_clip.IMAGENET_CLASSNAMES)
+    assert eval_driver.class_names(["golden_retriever", "tabby_cat"]) == ["golden retriever", "tabby cat"]
+    with pytest.raises(ValueError, match="1000 class folders"):
+        eval_driver.class_names(["a", "b"], "imagenet")
+    args = eval_driver.parse_args(["--tiny", "--templates", "simple"])
+    assert eval_driver.templates(args) == list(open_clip.SIMPLE_IMAGENET_TEMPLATES)
+    args = eval_driver.parse_args(["--tiny", "--template", "a photo of a {}."])
+    assert eval_driver.templates(args) == ["a photo of a {}."]
 
 
 def test_retrieval_metrics_by_hand(eval_driver):

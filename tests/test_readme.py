@@ -1,14 +1,53 @@
-"""The README's quick start runs as written (with random weights instead of a download)."""
+"""Every ```python snippet of the README runs as written: tiny random models and stand-in
+processors replace the downloads (``from_pretrained`` / ``pretrained=...``), nothing else changes.
+test_every_snippet_is_tested fails when a snippet appears under a heading that no test here runs."""
 import re
 from pathlib import Path
 
+import pytest
+
 README = Path(__file__).resolve().parents[1] / "README.md"
+
+#: README section heading -> the test that runs its snippets
+TESTED = {
+    "## Quick start: timm": "test_timm_quick_start_runs",
+    "## Quick start: open_clip and Hugging Face vision towers": "test_open_clip_and_siglip_quick_start_runs",
+    "## Quick start: Hugging Face LLaVA": "test_llava_quick_start_runs",
+    "## Quick start: Hugging Face Qwen2-VL / Qwen2.5-VL": "test_qwen2_vl_quick_start_runs",
+    "## Learned thresholds": "test_thresholds_snippet_runs",
+    "## Adaptive budgets: DToMe": "test_dtome_snippet_runs",
+    "## Reducers": "test_registry_snippet_runs",
+}
+
+
+def snippets() -> list[tuple[str, str]]:
+    """(the heading it sits under, code) of every ```python block of the README, in order."""
+    text = README.read_text()
+    found = []
+    for match in re.finditer(r"```python\n(.*?)```", text, re.S):
+        headings = re.findall(r"^#{1,3} .*$", text[:match.start()], re.M)
+        found.append((next(h for h in reversed(headings) if h.startswith("## ")), match.group(1)))
+    return found
+
+
+def snippet(heading: str) -> str:
+    """The one snippet under ``heading``."""
+    codes = [code for where, code in snippets() if where == heading]
+    assert len(codes) == 1, f"expected one python snippet under {heading!r}, found {len(codes)}"
+    return codes[0]
+
+
+def test_every_snippet_is_tested():
+    headings = [heading for heading, _ in snippets()]
+    assert len(headings) >= 7
+    untested = sorted(set(headings) - set(TESTED))
+    assert not untested, f"README snippets no test runs (add one to tests/test_readme.py): {untested}"
+    for name in TESTED.values():
+        assert callable(globals()[name])
 
 
 def test_timm_quick_start_runs(tmp_path, monkeypatch):
-    text = README.read_text()
-    section = text[text.index("## Quick start: timm"):]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    code = snippet("## Quick start: timm")
     assert "pretrained=True" in code
     monkeypatch.chdir(tmp_path)
     namespace = {}
@@ -19,15 +58,13 @@ def test_timm_quick_start_runs(tmp_path, monkeypatch):
     assert type(namespace["model"]).__name__ == "VisionTransformer"  # removed again after the with-block
 
 
-def test_llava_quick_start_runs(monkeypatch):
+def test_llava_quick_start_runs(tmp_path, monkeypatch):
     """The LLaVA quick start with a tiny random LLaVA and a stand-in for the processor."""
     import torch
 
     from helpers import llava_inputs, tiny_llava
 
-    text = README.read_text()
-    section = text[text.index("## Quick start: Hugging Face LLaVA"):]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    code = snippet("## Quick start: Hugging Face LLaVA")
     model = tiny_llava("llava")
 
     class Processor:
@@ -40,7 +77,7 @@ def test_llava_quick_start_runs(monkeypatch):
 
     code = re.sub(r"LlavaForConditionalGeneration\.from_pretrained\(.*?\)\n", "tiny_model\n", code)
     code = re.sub(r"AutoProcessor\.from_pretrained\(.*?\)\n", "Processor()\n", code)
-    monkeypatch.chdir(README.parent)
+    monkeypatch.chdir(tmp_path)  # the photo comes from the package
     namespace = {"tiny_model": model, "Processor": Processor}
     exec(compile(code, "README.md", "exec"), namespace)
     out = namespace["out"]
@@ -50,15 +87,13 @@ def test_llava_quick_start_runs(monkeypatch):
     assert isinstance(out, torch.Tensor)
 
 
-def test_qwen2_vl_quick_start_runs(monkeypatch):
+def test_qwen2_vl_quick_start_runs(tmp_path, monkeypatch):
     """The Qwen2-VL quick start with a tiny random Qwen2-VL and a stand-in for the processor."""
     import torch
 
     from helpers import qwen_inputs, tiny_qwen2_vl
 
-    text = README.read_text()
-    section = text[text.index("## Quick start: Hugging Face Qwen2-VL"):]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    code = snippet("## Quick start: Hugging Face Qwen2-VL / Qwen2.5-VL")
     model = tiny_qwen2_vl()
 
     class Processor:
@@ -75,10 +110,85 @@ def test_qwen2_vl_quick_start_runs(monkeypatch):
 
     code = re.sub(r"Qwen2VLForConditionalGeneration\.from_pretrained\(.*?\)\n", "tiny_model\n", code)
     code = re.sub(r"AutoProcessor\.from_pretrained\(.*?\)\n", "Processor()\n", code)
-    monkeypatch.chdir(README.parent)
+    monkeypatch.chdir(tmp_path)  # the photo comes from the package
     namespace = {"tiny_model": model, "Processor": Processor}
     exec(compile(code, "README.md", "exec"), namespace)
     out, inputs = namespace["out"], namespace["inputs"]
     assert isinstance(out, torch.Tensor) and out.shape[1] > inputs["input_ids"].shape[1]
     llm = __import__("tokred").last_trace(model).tokens("llm")
     assert llm[2] < llm[1] < inputs["input_ids"].shape[1]
+
+
+def test_open_clip_and_siglip_quick_start_runs(tmp_path, monkeypatch):
+    """open_clip's ViT-B-32 and SigLIP as tiny random models, processors that resize to 32 x 32."""
+    import torch
+    from open_clip.model import CLIP
+    from torchvision import transforms
+    from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
+
+    code = snippet("## Quick start: open_clip and Hugging Face vision towers")
+    torch.manual_seed(0)
+    clip = CLIP(embed_dim=32, vision_cfg=dict(image_size=32, patch_size=4, width=48, layers=3, head_width=16),
+                text_cfg=dict(context_length=16, vocab_size=100, width=32, heads=2, layers=1)).eval()
+    preprocess = transforms.Compose([transforms.Resize(32), transforms.CenterCrop(32), transforms.ToTensor()])
+    config = SiglipVisionConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=3,
+                                image_size=32, patch_size=4)
+    tower = SiglipVisionModel(config).eval()
+    processor = SiglipImageProcessor(size={"height": 32, "width": 32})
+    code, count = re.subn(r"open_clip\.create_model_and_transforms\(.*?\)\n", "(tiny_clip, None, tiny_preprocess)\n",
+                          code)
+    assert count == 1
+    code = re.sub(r"SiglipVisionModel\.from_pretrained\(.*?\)\n", "tiny_tower\n", code)
+    code = re.sub(r"AutoImageProcessor\.from_pretrained\(.*?\)\n", "tiny_processor\n", code)
+    assert "from_pretrained" not in code
+    monkeypatch.chdir(tmp_path)  # the photo comes from the package, not from the working directory
+    namespace = {"tiny_clip": clip, "tiny_preprocess": preprocess, "tiny_tower": tower, "tiny_processor": processor}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert namespace["features"].shape == (1, 32)
+    assert namespace["pooled"].shape == (1, 48)
+    import tokred
+
+    assert tokred.last_trace(tower).tokens()[-1] == 64 - 3 * 8
+
+
+def test_thresholds_snippet_runs(tmp_path, monkeypatch):
+    """As written, on 128 of the training images (two batches) instead of 512, for time."""
+    pytest.importorskip("sklearn")
+    import tokred.reference
+
+    full = tokred.reference.load_reference_train_data
+    monkeypatch.setattr(tokred.reference, "load_reference_train_data", lambda: tuple(t[:128] for t in full()))
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(compile(snippet("## Learned thresholds"), "README.md", "exec"), namespace)
+    assert 0 < namespace["ratio"] < 1
+    import tokred
+
+    reducers = tokred.reducers_of(namespace["model"])
+    assert len(reducers) == 1 and isinstance(reducers[0], tokred.Thresholds)
+
+
+def test_dtome_snippet_runs(tmp_path, monkeypatch):
+    pytest.importorskip("sklearn")
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(compile(snippet("## Adaptive budgets: DToMe"), "README.md", "exec"), namespace)
+    assert (tmp_path / "dtome.json").is_file()
+    import tokred
+
+    counts = tokred.last_trace(namespace["model"]).layers[-1].tokens_per_image
+    assert len(counts) == 90 and len(set(counts)) > 1
+
+
+def test_registry_snippet_runs():
+    import tokred
+
+    code = snippet("## Reducers")
+    namespace = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    # the values the comments state
+    for line in code.splitlines():
+        expression, _, comment = line.partition("#")
+        if comment.strip().startswith("'"):
+            assert repr(eval(expression, namespace)) == comment.strip()
+    assert tokred.reducer("dart", layer=2, keep=0.25) == tokred.DART(keep=0.25, layer=2)

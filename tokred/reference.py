@@ -1,7 +1,8 @@
 """The embedded reference model: a small ViT trained on scikit-learn's handwritten digits.
 
 The checkpoint, its config and the held-out test split live in the repository's ``assets/``
-folder (written by ``evals/train_reference.py``). The preprocessing here is the one the
+folder (written by ``evals/train_reference.py --out assets``), which installs as the package data
+``tokred/assets/`` of a wheel. The preprocessing here is the one the
 training script uses, so :func:`load_reference_data` reproduces exactly the tensors that the
 recorded test accuracy was measured on.
 """
@@ -26,18 +27,24 @@ DIGITS_MAX = 16.0
 
 
 def assets_dir() -> Path:
-    """The ``assets/`` folder: ``$TOKRED_ASSETS`` if set, else the one at the repository root."""
+    """The folder of the demo assets: ``$TOKRED_ASSETS`` if set; else ``tokred/assets/`` of an
+    installed wheel (package data); else ``assets/`` at the root of a source checkout (editable
+    installs, tests)."""
     override = os.environ.get("TOKRED_ASSETS")
-    return Path(override) if override else Path(__file__).resolve().parents[1] / "assets"
+    if override:
+        return Path(override)
+    here = Path(__file__).resolve().parent
+    installed = here / "assets"
+    return installed if installed.is_dir() else here.parent / "assets"
 
 
 def _asset(name: str) -> Path:
     path = assets_dir() / name
     if not path.is_file():
         raise FileNotFoundError(
-            f"reference asset {path} is missing. The reference model ships in the repository's assets/ "
-            "folder (it is not part of an installed wheel): use a source checkout / editable install, "
-            "set TOKRED_ASSETS to the folder, or recreate it with `python evals/train_reference.py`.")
+            f"reference asset {path} is missing. The reference model ships with tokred (the repository's "
+            "assets/ folder, installed as tokred/assets/): reinstall tokred, set TOKRED_ASSETS to a folder "
+            "holding it, or recreate it with `python evals/train_reference.py --out assets`.")
     return path
 
 

@@ -5,6 +5,11 @@ records the tokens left after the last layer, analytic GFLOPs per image (:func:`
 the FLOPs ratio and the measured throughput ratio against the unreduced model (interleaved
 timing rounds on the same batch, medians), top-1 accuracy when labels exist, and agreement with
 the full model's predictions.
+
+With a Hugging Face vision-language checkpoint folder as ``--model`` (a LLaVA or Qwen2-VL family
+model saved with its processor) it runs the reducer specs on a few generated prompts about one
+image instead and reports prefill FLOPs ratios and agreement with the full model's answers
+(:mod:`tokred.cli.vlm`).
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ from torch import Tensor, nn
 
 import tokred
 from tokred import Reducer
+from tokred.cli import tables, vlm
 
 DEFAULT_REDUCERS = "none,tome:r=2,tome:r=4,tome:r=6,tome:r=8"
 JSON_NAME = "bench.json"
@@ -308,18 +314,12 @@ def load_model_and_data(args):
 
 # output -------------------------------------------------------------------------------------
 def format_table(report: dict) -> str:
-    header = ["reducer", "tokens", "GFLOPs/img", "FLOPs ratio", "speed ratio", "top-1", "agreement"]
-    rows = []
-    for row in report["results"]:
-        top1 = "n/a" if row["top1"] is None else f"{100 * row['top1']:.2f}%"
-        rows.append([row["reducer"], f"{row['tokens_final']:g}", f"{row['gflops_per_image']:.4f}",
-                     f"{row['flops_ratio']:.3f}", f"{row['throughput_ratio']:.3f}", top1,
-                     f"{100 * row['agreement']:.2f}%"])
-    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
-    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths)))
-             for line in [header, *rows]]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    """The results as a Markdown table (:func:`tokred.cli.tables.markdown`), one row per setting."""
+    rows = [[row["reducer"], f"{row['tokens_final']:g}", f"{row['gflops_per_image']:.4f}", f"{row['flops_ratio']:.3f}",
+             f"{row['throughput_ratio']:.3f}", tables.percent(row["top1"]), tables.percent(row["agreement"])]
+            for row in report["results"]]
+    return tables.markdown(rows, ["reducer", "tokens after last block", "GFLOPs/img", "FLOPs ratio", "speed ratio",
+                                  "top-1", "agreement"])
 
 
 def plot(report: dict, path: Path) -> None:
@@ -347,10 +347,13 @@ def plot(report: dict, path: Path) -> None:
 
 
 # command line -------------------------------------------------------------------------------
-def add_model_arguments(parser) -> None:
-    """The model and data options shared by ``tokred bench`` and ``tokred sweep``."""
+def add_model_arguments(parser, checkpoints: bool = False) -> None:
+    """The model and data options shared by ``tokred bench`` and ``tokred sweep`` (``checkpoints``:
+    ``--model`` also takes a Hugging Face VLM checkpoint folder)."""
     parser.add_argument("--model", default=None,
-                        help="timm ViT name (default: the embedded reference ViT on its digits split)")
+                        help="timm ViT name" + (" or a Hugging Face VLM checkpoint folder (config.json, weights, "
+                                                "processor)" if checkpoints else "")
+                             + " (default: the embedded reference ViT on its digits split)")
     parser.add_argument("--pretrained", action="store_true",
                         help="download pretrained weights for --model (nothing is downloaded without it)")
     parser.add_argument("--data", type=Path, default=None,
@@ -379,9 +382,10 @@ def versions() -> dict[str, str]:
 
 
 def add_arguments(parser) -> None:
-    add_model_arguments(parser)
-    parser.add_argument("--reducers", default=DEFAULT_REDUCERS,
-                        help=f"comma-separated reducer specs (default: {DEFAULT_REDUCERS}); e.g. "
+    add_model_arguments(parser, checkpoints=True)
+    parser.add_argument("--reducers", default=None,
+                        help=f"comma-separated reducer specs, any registered reducer (default: {DEFAULT_REDUCERS}; "
+                             f"for a VLM checkpoint {vlm.DEFAULT_REDUCERS}); e.g. "
                              "'none,tome:r=8,tome:r=8/prop_attn=false,tome:r=8;-0.5,pool:stride=1;2' "
                              "(the grammar: tokred.parse_spec)")
     parser.add_argument("--rounds", type=int, default=11, help="interleaved timing rounds")
@@ -389,10 +393,26 @@ def add_arguments(parser) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's own setting); on a busy machine 1 gives steadier timings")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    parser.add_argument("--image", type=Path, default=None,
+                        help="VLM checkpoint only: the image the generated prompts ask about (default: the sample photo)")
+    parser.add_argument("--prompts", type=Path, default=None,
+                        help="VLM checkpoint only: a text file of questions about --image, one per line "
+                             "(default: a few generic questions, tokred.cli.vlm.QUESTIONS)")
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help=f"VLM checkpoint only: greedy answer length (default {vlm.MAX_NEW_TOKENS})")
 
 
 def main(args) -> int:
     check_model_arguments(args)
+    if vlm.is_checkpoint(args.model):
+        return vlm.main(args, parse_reducers)
+    if args.model is not None and Path(args.model).expanduser().exists():
+        raise ValueError(f"--model {args.model}: not a timm model name, and not a Hugging Face checkpoint folder "
+                         "(a folder with config.json)")
+    if args.image is not None or args.prompts is not None or args.max_new_tokens is not None:
+        raise ValueError("--image, --prompts and --max-new-tokens are for a VLM checkpoint as --model (the reference "
+                         "model and timm models run on their data)")
+    args.reducers = args.reducers or DEFAULT_REDUCERS
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")

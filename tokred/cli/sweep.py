@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from tokred import Reducer, registry
-from tokred.cli import bench
+from tokred.cli import bench, require, tables, vlm
 
 #: The default sweep: reducer family -> specs (:func:`tokred.parse_spec`), weakest reduction first.
 #: Edit the strengths here. A family runs only while its name is registered (:func:`tokred.list_reducers`).
@@ -147,18 +147,13 @@ def run_sweep(model, batches, settings: list[tuple[str, str, tuple[Reducer, ...]
 
 
 # output ------------------------------------------------------------------------------------
-def _percent(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:.2f}%"
-
-
 def format_markdown(report: dict) -> str:
     """The results as a Markdown table, one row per setting, the unreduced model first."""
-    lines = ["| family | spec | tokens after last block | GFLOPs/img | FLOPs ratio | top-1 | agreement |",
-             "|---|---|---|---|---|---|---|"]
-    for row in report["results"]:
-        lines.append(f"| {row['family']} | `{row['spec']}` | {row['tokens_final']:g} | {row['gflops_per_image']:.4f} "
-                     f"| {row['flops_ratio']:.3f} | {_percent(row['top1'])} | {_percent(row['agreement'])} |")
-    return "\n".join(lines)
+    rows = [[row["family"], f"`{row['spec']}`", f"{row['tokens_final']:g}", f"{row['gflops_per_image']:.4f}",
+             f"{row['flops_ratio']:.3f}", tables.percent(row["top1"]), tables.percent(row["agreement"])]
+            for row in report["results"]]
+    return tables.markdown(rows, ["family", "spec", "tokens after last block", "GFLOPs/img", "FLOPs ratio", "top-1",
+                                  "agreement"], align="llrrrrr")
 
 
 def write_csv(report: dict, path: Path) -> None:
@@ -239,6 +234,9 @@ def add_arguments(parser) -> None:
 
 def main(args) -> int:
     bench.check_model_arguments(args)
+    if vlm.is_checkpoint(args.model):
+        raise ValueError("tokred sweep does not take a VLM checkpoint yet: compare specs on it with "
+                         "`tokred bench --model DIR --reducers ...`, or sweep it with evals/sweep_vlm.py")
     families = None if args.reducers is None else _parse_families(args.reducers)
     settings = sweep_settings(families, args.specs)
     if args.readme is not None and not args.readme.is_file():
@@ -247,10 +245,14 @@ def main(args) -> int:
         missing = [name for name in SWEEPS if name not in registry.list_reducers()]
         if missing:
             print(f"note: not registered (yet), skipped: {', '.join(missing)}")
+    calibrate = args.model is None and args.specs is None and families is None and not args.no_calibration
+    if calibrate:
+        require("sklearn", "the default sweep calibrates learned thresholds on the reference model's training "
+                           "split; or pass --no-calibration")
     model, batches, num_batches, described, notes = bench.load_model_and_data(args)
     for note in notes:
         print(f"note: {note}")
-    if args.model is None and args.specs is None and families is None and not args.no_calibration:
+    if calibrate:
         settings += calibrated_settings(model, CALIBRATION_TARGETS, progress=not args.no_progress)
     report = run_sweep(model, batches, settings, device=args.device, num_batches=num_batches,
                        progress=not args.no_progress)

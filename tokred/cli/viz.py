@@ -101,6 +101,11 @@ def main(args) -> int:
     import tokred
     from tokred import viz
 
+    from tokred.cli import vlm
+
+    if vlm.is_checkpoint(args.model):
+        raise ValueError("tokred viz draws vision-tower merges of timm ViTs; a VLM checkpoint is not supported yet "
+                         "(use tokred bench --model DIR for its FLOPs and answer agreement)")
     if args.pretrained and args.model is None:
         raise ValueError("--pretrained needs --model (the embedded reference model is always trained)")
     if args.index is not None and args.model is not None:

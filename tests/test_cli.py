@@ -1,0 +1,131 @@
+"""The command line as a whole: --version, plain help text, clear one-line errors (wrong stage,
+missing extra), and tokred bench on a Hugging Face VLM checkpoint folder."""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+import tokred
+from tokred.cli import COMMANDS, main
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"tokred {tokred.__version__}"
+
+
+@pytest.mark.parametrize("command", [None, *COMMANDS])
+def test_help_is_plain_text(command, capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"] if command is None else [command, "--help"])
+    text = capsys.readouterr().out
+    assert "usage: tokred" in text
+    assert "``" not in text and not re.search(r":(func|class|data|mod|meth):", text), text
+
+
+def test_projector_reducer_on_a_vit_is_a_one_line_error(capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "--reducers", "none,divprune:keep=0.5", "--limit", "4", "--rounds", "1", "--no-progress",
+              "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1
+    assert "tokred bench: error: DivPrune acts at the 'projector' stage" in err
+
+
+def test_missing_extra_names_it(monkeypatch, capsys, tmp_path):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sklearn" else find_spec(name, *a))
+    with pytest.raises(SystemExit) as exit_:
+        main(["sweep", "--out", str(tmp_path), "--no-progress"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1
+    assert "scikit-learn is not installed" in err and "pip install 'tokred[sweep]'" in err
+
+
+def test_an_uncaught_module_error_of_an_extra_names_it(monkeypatch, capsys):
+    from tokred.cli import viz
+
+    def missing(args):
+        raise ModuleNotFoundError("No module named 'transformers'", name="transformers")
+
+    monkeypatch.setattr(viz, "main", missing)
+    with pytest.raises(SystemExit):
+        main(["viz"])
+    assert "pip install 'tokred[hf]'" in capsys.readouterr().err
+
+
+# a Hugging Face VLM checkpoint --------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny random LLaVA-1.5 saved with a word-level tokenizer and a CLIP image processor."""
+    from helpers import IMAGE_TOKEN, tiny_llava
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
+
+    model = tiny_llava("llava")
+    vocab = {f"w{i}": i for i in range(IMAGE_TOKEN)} | {"<image>": IMAGE_TOKEN}
+    vocab["<unk>"], vocab["<pad>"] = 1, 0
+    vocab = {word: index for word, index in vocab.items() if word not in ("w0", "w1")}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    raw.add_special_tokens(["<image>", "<pad>", "<unk>"])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>", unk_token="<unk>")
+    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    processor = LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=8,
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                               image_token="<image>")
+    path = tmp_path_factory.mktemp("tiny_llava")
+    model.generation_config.pad_token_id = 0
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+def test_bench_runs_reducer_specs_on_a_vlm_checkpoint(checkpoint, tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert main(["bench", "--model", str(checkpoint), "--limit", "2", "--max-new-tokens", "3", "--out", str(out),
+                 "--reducers", "none,tome:r=2+divprune:keep=0.5,dart:keep=0.5/layer=2"]) == 0
+    report = json.loads((out / "bench_vlm.json").read_text())
+    rows = {row["reducer"]: row for row in report["results"]}
+    assert list(rows) == ["none", "tome:r=2+divprune:keep=0.5", "dart:keep=0.5/layer=2"]
+    assert rows["none"]["flops_ratio"] == 1.0 and rows["none"]["answer_agreement"] == 1.0
+    assert all(0 < row["flops_ratio"] < 1 for row in report["results"][1:])
+    assert len(report["prompts"]) == 2 and all(len(row["answers"]) == 2 for row in report["results"])
+    assert rows["dart:keep=0.5/layer=2"]["llm_tokens_last_layer"] < rows["none"]["llm_tokens_last_layer"]
+    printed = capsys.readouterr().out
+    assert "answers agree" in printed and "tome:r=2+divprune:keep=0.5" in printed
+
+
+def test_bench_vlm_prompts_file(checkpoint, tmp_path):
+    questions = tmp_path / "questions.txt"
+    questions.write_text("w5 w6 w7\n\nw8 w9\nw10\n")
+    out = tmp_path / "bench"
+    assert main(["bench", "--model", str(checkpoint), "--prompts", str(questions), "--limit", "2",
+                 "--max-new-tokens", "2", "--reducers", "none,divprune:keep=0.5", "--out", str(out)]) == 0
+    report = json.loads((out / "bench_vlm.json").read_text())
+    assert [p.split("\n")[-1] for p in report["prompts"]] == ["w5 w6 w7 ASSISTANT:", "w8 w9 ASSISTANT:"]
+
+
+def test_vlm_options_need_a_checkpoint(capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        main(["bench", "--prompts", str(tmp_path / "q.txt"), "--out", str(tmp_path)])
+    assert "are for a VLM checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["sweep", "viz"])
+def test_other_commands_refuse_a_vlm_checkpoint_clearly(checkpoint, command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--model", str(checkpoint)])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "checkpoint" in err and "tokred bench --model" in err
+
+
+def test_a_folder_that_is_no_checkpoint_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--model", str(tmp_path)])
+    assert "not a Hugging Face checkpoint folder" in capsys.readouterr().err
