@@ -62,6 +62,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 import tokred
+from tokred.cli import tables
 from tokred.decoder import LanguageModelEngine
 
 # model families --------------------------------------------------------------------------------------
@@ -679,20 +680,22 @@ def _num(value: float) -> str:
     return f"{value:.2f}" if abs(value) >= 1 else f"{value:.3g}"
 
 
+COLUMNS = ["reducer", "stage", "kept", "TTFT s", "TTFT ratio (IQR)", "prefill GFLOPs", "FLOPs ratio",
+           "speedup ÷ predicted", "vs oracle bound", "selection %", "decode tok/s ratio", "peak MB", "KV MB"]
+
+
 def markdown(result: dict) -> str:
-    lines = ["| reducer | stage | kept | TTFT s | TTFT ratio (IQR) | prefill GFLOPs | FLOPs ratio "
-             "| speedup ÷ predicted | vs oracle bound | selection % | decode tok/s ratio | peak MB | KV MB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = []
     for row in result["rows"]:
         low, high = row["ttft_ratio_iqr"]
         selection = row.get("selection_share")
-        lines.append(
-            f"| {row['reducer']} | {row['stage']} | {row['kept']} | {_num(row['ttft_s'])} | "
-            f"{row['ttft_ratio']:.3f} ({low:.2f}-{high:.2f}) | {_num(row['prefill_gflops'])} | "
-            f"{row['flops_ratio']:.3f} | "
-            f"{row['of_predicted']:.3f} | {_fmt(row.get('vs_oracle_bound'), '.3f')} | "
-            f"{_fmt(None if selection is None else 100 * selection, '.2f', '%')} | "
-            f"{_fmt(row.get('decode_ratio'), '.3f')} | {_fmt(row['peak_mb'], '.0f')} | {_fmt(row['kv_mb'], '.1f')} |")
+        rows.append([row["reducer"], row["stage"], row["kept"], _num(row["ttft_s"]),
+                     f"{row['ttft_ratio']:.3f} ({low:.2f}-{high:.2f})", _num(row["prefill_gflops"]),
+                     f"{row['flops_ratio']:.3f}", f"{row['of_predicted']:.3f}",
+                     _fmt(row.get("vs_oracle_bound"), ".3f"),
+                     _fmt(None if selection is None else 100 * selection, ".2f", "%"),
+                     _fmt(row.get("decode_ratio"), ".3f"), _fmt(row["peak_mb"], ".0f"), _fmt(row["kv_mb"], ".1f")])
+    lines = [tables.markdown(rows, COLUMNS)]
     none, full_oracle = result["rows"][0], result["rows"][1]
     params, prompt = result["parameters"], result["prompt"]
     lines.append("")

@@ -28,7 +28,7 @@ def test_bench_vlm_tiny_runs_and_reports_every_configuration(tmp_path):
 
     table = [line for line in done.stdout.splitlines() if line.startswith("| ") and not line.startswith("| reducer")]
     assert len(table) == 2 * len(EXPECTED)
-    labels = [line.split(" | ")[0].lstrip("| ") for line in table]
+    labels = [line.split("|")[1].strip() for line in table]
     assert labels == [row["reducer"] for run in runs for row in run["rows"]]
 
     for run in runs:
