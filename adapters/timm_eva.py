@@ -60,7 +60,7 @@ from torch import Tensor, nn
 
 from tokred.adapters.base import Adapter, inherits_method, original_class, original_method, patch_module
 from tokred.adapters.refused import refuse
-from tokred.adapters.timm_vit import TimmViTAdapter, _mask_kwargs, _ViTMixin
+from tokred.adapters.timm_vit import TimmViTAdapter, _mask_kwargs, _ViTMixin, attention_core
 from tokred.engine import TokenRun, VisionStage, weight_bias, weighted_mean
 from tokred.flops import LayerCosts, attention_flops, linear_flops
 from tokred.plan import Plan
@@ -144,17 +144,7 @@ def eva_attention(attn: nn.Module, x: Tensor, rope: Tensor | None, bias: Tensor 
         npt, half = attn.num_prefix_tokens, getattr(attn, "rotate_half", False)
         q, k = (torch.cat([t[:, :, :npt], eva.apply_rot_embed_cat(t[:, :, npt:], rope, half=half)], dim=2).type_as(v)
                 for t in (q, k))
-    if attn.fused_attn:
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=attn.attn_drop.p if attn.training else 0.0)
-    else:
-        scores = (q * attn.scale) @ k.transpose(-2, -1)
-        if bias is not None:
-            scores = scores + bias
-        x = attn.attn_drop(scores.softmax(dim=-1)) @ v
-    x = attn.norm(x.transpose(1, 2).reshape(batch, num_tokens, -1))
-    if gate is not None:
-        x = x * gate
-    x = attn.proj_drop(attn.proj(x))
+    x = attention_core(attn, q, k, v, bias, gate)
     return x, (RopeHeads(q, k, attn.scale, bias, content_keys=content_keys) if need_heads else None)
 
 

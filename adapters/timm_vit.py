@@ -31,6 +31,15 @@ def attention_with_heads(attn: nn.Module, x: Tensor, bias: Tensor | None, need_h
     qkv = attn.qkv(x).reshape(batch, num_tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
+    return attention_core(attn, q, k, v, bias, gate), (Heads(q, k, attn.scale, bias) if need_heads else None)
+
+
+def attention_core(attn: nn.Module, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None,
+                   gate: Tensor | None) -> Tensor:
+    """What timm's attention modules do once they have q, k, v (B, H, N, D): fused SDPA with the
+    additive ``bias`` (or the written-out softmax when the module has fused attention off), the
+    heads merged, the module's norm and gate, the output projection."""
+    batch, _, num_tokens, _ = q.shape
     if attn.fused_attn:
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=attn.attn_drop.p if attn.training else 0.0)
     else:
@@ -38,12 +47,10 @@ def attention_with_heads(attn: nn.Module, x: Tensor, bias: Tensor | None, need_h
         if bias is not None:
             scores = scores + bias
         x = attn.attn_drop(scores.softmax(dim=-1)) @ v
-    x = x.transpose(1, 2).reshape(batch, num_tokens, attn.num_heads * attn.head_dim)
-    x = attn.norm(x)
+    x = attn.norm(x.transpose(1, 2).reshape(batch, num_tokens, -1))
     if gate is not None:
         x = x * gate
-    x = attn.proj_drop(attn.proj(x))
-    return x, (Heads(q, k, attn.scale, bias) if need_heads else None)
+    return attn.proj_drop(attn.proj(x))
 
 
 def _mask_kwargs(attn_mask: Tensor | None, is_causal: bool) -> dict:
