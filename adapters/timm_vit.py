@@ -47,7 +47,7 @@ def attention_core(attn: nn.Module, q: Tensor, k: Tensor, v: Tensor, bias: Tenso
         if bias is not None:
             scores = scores + bias
         x = attn.attn_drop(scores.softmax(dim=-1)) @ v
-    x = attn.norm(x.transpose(1, 2).reshape(batch, num_tokens, -1))
+    x = attn.norm(x.transpose(1, 2).reshape(batch, num_tokens, x.shape[1] * x.shape[3]))  # explicit: batch may be 0
     if gate is not None:
         x = x * gate
     return attn.proj_drop(attn.proj(x))

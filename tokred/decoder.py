@@ -303,6 +303,7 @@ class LanguageModelEngine:
         self._segment_inputs(segment, seq.hidden, seq.hidden.shape[1], seq.positions)
         segments, lengths = [segment], [(0, seq.hidden.shape[1])]
         hidden, flops, per_sample = seq.hidden, 0, None
+        entering = hidden  # the input of the previous layer (FastV's query row comes from it)
         for i in range(len(self.layers)):
             if reducer is not None and i == reducer.layer:
                 seq, next_position, flops = self._reduce(i, replace(seq, hidden=hidden), entering, segment, cache)
