@@ -198,3 +198,20 @@ def qwen_inputs(prompts: list[tuple[list[int], list[int]]], grids: list[list[int
     attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
     return dict(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, image_grid_thw=grid,
                 mm_token_type_ids=(input_ids == QWEN_IMAGE).int())
+
+
+def next_step(inputs, out):
+    """Inputs of one greedy decode step after ``out``: the argmax token and the grown attention mask."""
+    token = out.logits[:, -1].argmax(dim=-1, keepdim=True)
+    mask = torch.cat([inputs["attention_mask"], torch.ones_like(token)], dim=1)
+    return token, mask
+
+
+def stripped(cache):
+    """The same keys and values in a new cache object, without tokred's bookkeeping."""
+    from transformers import DynamicCache
+
+    plain = DynamicCache()
+    for i, layer in enumerate(cache.layers):
+        plain.update(layer.keys, layer.values, i)
+    return plain

@@ -59,6 +59,25 @@ def test_identity_settings_are_bit_identical(name, batch):
             assert torch.equal(run(model, batch), want), reducer
 
 
+@pytest.mark.parametrize("name", MODELS)
+def test_remove_restores_bit_for_bit(name, batch):
+    """After tokred.remove: the same outputs, classes, state and no tokred attribute left."""
+    build, run, _ = MODELS[name]
+    model = build()
+    classes = [type(m) for m in model.modules()]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        want = run(model, batch)
+        tokred.apply(model, tokred.ToMe(r=8))
+        assert not torch.equal(run(model, batch), want)
+        tokred.remove(model)
+        assert torch.equal(run(model, batch), want)
+    assert [type(m) for m in model.modules()] == classes
+    assert not any(k.startswith("_tokred") for m in model.modules() for k in vars(m))
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
 @pytest.mark.parametrize("reducer", REDUCERS, ids=lambda r: type(r).__name__)
 @pytest.mark.parametrize("name", MODELS)
 def test_every_reducer_runs(name, reducer, batch):

@@ -160,21 +160,6 @@ def test_batch_equals_images_one_by_one(reducer):
         assert counts is not None and len(set(counts)) > 1  # the images really were reduced differently
 
 
-def test_remove_restores_bit_for_bit(images):
-    model = tiny_eva(**EVA02)
-    classes = [type(m) for m in model.modules()]
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    with torch.no_grad():
-        want = model(images)
-        tokred.apply(model, tokred.ToMe(r=8))
-        assert not torch.equal(model(images), want)
-        tokred.remove(model)
-        assert torch.equal(model(images), want)
-    assert [type(m) for m in model.modules()] == classes
-    assert not any(k.startswith("_tokred") for m in model.modules() for k in vars(m))
-    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
-
-
 def test_forward_head_pools_features_with_their_own_sizes(images):
     model = tokred.apply(tiny_eva(), tokred.ToMe(r=8))
     with torch.no_grad():

@@ -5,10 +5,9 @@ import copy
 import pytest
 import torch
 import transformers
-from transformers import DynamicCache
 
 import tokred
-from helpers import IMAGE_TOKEN, llava_inputs, tiny_llava
+from helpers import IMAGE_TOKEN, llava_inputs, next_step, stripped, tiny_llava
 from tokred.decoder import CompatibilityError
 from tokred.reducers import dart, divprune, fastv
 from tokred.signals import SequenceSignal
@@ -20,21 +19,6 @@ PROMPTS = [([1, 2, 3], [4, 5, 6, 7, 8]), ([9], [10, 11])]
 @pytest.fixture(scope="module")
 def models():
     return {kind: tiny_llava(kind) for kind in KINDS}
-
-
-def next_step(inputs, out):
-    """Inputs of one greedy decode step after ``out``."""
-    token = out.logits[:, -1].argmax(dim=-1, keepdim=True)
-    mask = torch.cat([inputs["attention_mask"], torch.ones_like(token)], dim=1)
-    return token, mask
-
-
-def stripped(cache) -> DynamicCache:
-    """The same keys and values in a new cache object, without tokred's bookkeeping."""
-    plain = DynamicCache()
-    for i, layer in enumerate(cache.layers):
-        plain.update(layer.keys, layer.values, i)
-    return plain
 
 
 # the cache keyword and the guard --------------------------------------------------------------------

@@ -10,7 +10,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import tokred
-from helpers import QWEN_END, QWEN_IMAGE, QWEN_START, qwen_inputs, tiny_qwen2_vl
+from helpers import QWEN_END, QWEN_IMAGE, QWEN_START, next_step, qwen_inputs, stripped, tiny_qwen2_vl
 from tokred.decoder import CompatibilityError
 
 KINDS = ["qwen2_vl", "qwen2_5_vl"]
@@ -174,8 +174,7 @@ def test_flops_match_the_flop_counter(models, kind, name):
         report = tokred.flops(model)
         assert report.total == measured
         assert report.stages["vision"] > 0 and report.stages["projector"] > 0
-        token = out.logits[:, -1].argmax(dim=-1, keepdim=True)
-        mask = torch.cat([inputs["attention_mask"], torch.ones_like(token)], dim=1)
+        token, mask = next_step(inputs, out)
         step = counted(lambda: model(input_ids=token, attention_mask=mask, cache=out.cache,
                                      position_ids=torch.zeros(4, 2, 1, dtype=torch.long)))
         assert report.decode_per_token == step
@@ -219,17 +218,12 @@ def test_bad_reductions_leave_the_model_untouched(models, reducers, error, messa
 
 @torch.no_grad()
 def test_decode_on_a_reduced_cache_without_bookkeeping_is_refused(models):
-    from transformers import DynamicCache
-
     model = models["qwen2_5_vl"]
     inputs = qwen_inputs(PROMPTS, GRIDS)
     with tokred.applied(model, tokred.DART(keep=0.5, layer=2)):
         out = model(**inputs, use_cache=True)
-        plain = DynamicCache()
-        for i, layer in enumerate(out.cache.layers):
-            plain.update(layer.keys, layer.values, i)
-        token = out.logits[:, -1].argmax(dim=-1, keepdim=True)
-        mask = torch.cat([inputs["attention_mask"], torch.ones_like(token)], dim=1)
+        plain = stripped(out.cache)
+        token, mask = next_step(inputs, out)
         with pytest.raises(CompatibilityError, match=f"bookkeeping.*transformers {transformers.__version__}"):
             model(input_ids=token, attention_mask=mask, cache=plain)
 

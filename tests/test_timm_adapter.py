@@ -133,22 +133,6 @@ def test_r0_and_no_reducer_are_bit_identical(name, images):
             assert tokred.last_trace(model).tokens() == [64 + model.num_prefix_tokens] * 4
 
 
-def test_remove_restores_bit_for_bit(images):
-    model = tiny_vit(init_values=0.1)
-    classes = [type(m) for m in model.modules()]
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    with torch.no_grad():
-        want = model(images)
-        tokred.apply(model, tokred.ToMe(r=8))
-        assert not torch.equal(model(images), want)
-        tokred.remove(model)
-        assert torch.equal(model(images), want)
-    assert [type(m) for m in model.modules()] == classes
-    assert not any(k.startswith("_tokred") for m in model.modules() for k in vars(m))
-    assert model.state_dict().keys() == state.keys()
-    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
-
-
 def test_apply_twice_replaces_and_applied_restores(images):
     model = tiny_vit()
     with torch.no_grad():
