@@ -37,7 +37,7 @@ MODELS = {
     "torchvision": (lambda: tiny_torchvision_vit(), lambda m, x: m(x), 1),
 }
 IDENTITIES = [tokred.ToMe(r=0), tokred.PiToMe(keep=1.0), tokred.Random(keep=1.0), tokred.Pool(stride=1),
-              tokred.Thresholds()]
+              tokred.Thresholds(), tokred.DToMe()]
 REDUCERS = [tokred.ToMe(r=6), tokred.PiToMe(keep=0.8), tokred.Random(keep=0.5, layer=1), tokred.Pool(stride=2),
             tokred.Thresholds(merge=0.3, prune=0.7)]
 
@@ -57,6 +57,8 @@ def test_identity_settings_are_bit_identical(name, batch):
         for reducer in IDENTITIES:
             tokred.apply(model, reducer)
             assert torch.equal(run(model, batch), want), reducer
+            tokens = tokred.last_trace(model).tokens()
+            assert tokens == [tokred.last_trace(model).layers[0].tokens_in] * len(tokens), reducer
 
 
 @pytest.mark.parametrize("name", MODELS)

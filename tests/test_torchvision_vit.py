@@ -50,17 +50,6 @@ def test_tome_matches_the_reference_forward(prop_attn, images):
     assert trace.sizes.sum(1).eq(65).all() and trace.sizes[:, 0].eq(1).all()
 
 
-def test_identity_settings_are_bit_identical(images):
-    model = tiny_torchvision_vit()
-    with torch.no_grad():
-        want = model(images)
-        for reducers in [(), (tokred.ToMe(r=0),), (tokred.PiToMe(keep=1.0),), (tokred.Thresholds(),),
-                         (tokred.DToMe(),), (tokred.Random(keep=1.0),), (tokred.Pool(stride=1),)]:
-            tokred.apply(model, *reducers)
-            assert torch.equal(model(images), want), reducers
-            assert tokred.last_trace(model).tokens() == [65] * 4
-
-
 def counted(fn):
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         fn()

@@ -57,6 +57,17 @@ def check_finite(reducer: str, what: str, values: Tensor) -> None:
                          "before the reducer ran (check the inputs and the dtype: float16 can overflow)")
 
 
+def per_block(value, num_layers: int, name: str) -> list[float]:
+    """One float per block from a float or a sequence of them; a ``ValueError`` when a sequence's
+    length is not the number of blocks (``name`` says whose values they are)."""
+    from collections.abc import Sequence
+
+    values = list(value) if isinstance(value, Sequence) else [value] * num_layers
+    if len(values) != num_layers:
+        raise ValueError(f"{len(values)} {name} thresholds given for a model with {num_layers} blocks")
+    return [float(v) for v in values]
+
+
 def keeps_everything(keep: int | float) -> bool:
     """``keep`` is the fraction 1.0 (every token); the int 1 is a count of one token."""
     return isinstance(keep, float) and keep == 1.0

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tokred.plan import Plan
-from tokred.reducers.base import Reducer, check_flag
+from tokred.reducers.base import Reducer, check_flag, per_block
 from tokred.schedule import per_layer
 
 if TYPE_CHECKING:
@@ -120,13 +120,6 @@ def batch_merge_statistic(best: Tensor, r: int) -> tuple[Tensor, float]:
     return merged.view_as(best), max(statistic, 0.0)
 
 
-def _per_block(value, num_layers: int) -> list[float]:
-    values = list(value) if isinstance(value, Sequence) else [value] * num_layers
-    if len(values) != num_layers:
-        raise ValueError(f"{len(values)} DToMe thresholds given for a model with {num_layers} blocks")
-    return [float(v) for v in values]
-
-
 @dataclass(frozen=True)
 class DToMe(Reducer):
     """DyMU's dynamic token merging in the vision encoder (see the module docstring).
@@ -151,10 +144,10 @@ class DToMe(Reducer):
         check_flag("prop_attn", self.prop_attn)
 
     def check(self, num_layers: int) -> None:
-        _per_block(self.thresholds, num_layers)
+        per_block(self.thresholds, num_layers, "DToMe")
 
     def threshold_at(self, layer: int, num_layers: int) -> float:
-        return _per_block(self.thresholds, num_layers)[layer]
+        return per_block(self.thresholds, num_layers, "DToMe")[layer]
 
     def removes(self, layer: int, num_layers: int, signal: Signal) -> int:
         if self.threshold_at(layer, num_layers) >= 1.0:  # cosines are clamped to 1: nothing can merge

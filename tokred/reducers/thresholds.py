@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from tokred.plan import Plan
-from tokred.reducers.base import Reducer, check_finite, check_flag
+from tokred.reducers.base import Reducer, check_finite, check_flag, per_block
 from tokred.reducers.dtome import best_matches
 
 if TYPE_CHECKING:
@@ -83,13 +83,6 @@ def threshold_plan(signal: Signal, merge_threshold: float, prune_threshold: floa
     return Plan(keep=keep, num_inputs=num_tokens, src=src, dst=dst, padded=padded)
 
 
-def _per_layer(value, num_layers: int, name: str) -> list[float]:
-    values = list(value) if isinstance(value, Sequence) else [value] * num_layers
-    if len(values) != num_layers:
-        raise ValueError(f"{len(values)} {name} thresholds given for a model with {num_layers} blocks")
-    return [float(v) for v in values]
-
-
 @dataclass(frozen=True)
 class Thresholds(Reducer):
     """Per-block merge and prune thresholds (hard at inference; :func:`tokred.calibrate` learns them).
@@ -124,11 +117,11 @@ class Thresholds(Reducer):
         check_flag("prop_attn", self.prop_attn)
 
     def check(self, num_layers: int) -> None:
-        _per_layer(self.merge, num_layers, "merge")
-        _per_layer(self.prune, num_layers, "prune")
+        per_block(self.merge, num_layers, "merge")
+        per_block(self.prune, num_layers, "prune")
 
     def thresholds_at(self, layer: int, num_layers: int) -> tuple[float, float]:
-        return _per_layer(self.merge, num_layers, "merge")[layer], _per_layer(self.prune, num_layers, "prune")[layer]
+        return per_block(self.merge, num_layers, "merge")[layer], per_block(self.prune, num_layers, "prune")[layer]
 
     def removes(self, layer: int, num_layers: int, signal: Signal) -> int:
         merge, prune = self.thresholds_at(layer, num_layers)
