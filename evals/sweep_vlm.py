@@ -25,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 import tokred
+from tokred.reference import assets_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_vlm  # noqa: E402
@@ -44,7 +45,7 @@ SPECS = {
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", type=Path, default=REPO / "assets" / "digits_vlm")
+    p.add_argument("--checkpoint", type=Path, default=assets_dir() / "digits_vlm")
     p.add_argument("--per-family", type=int, default=2000)
     p.add_argument("--families", nargs="+", default=list(vlm_data.FAMILIES))
     p.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.25, 0.125, 0.0625])

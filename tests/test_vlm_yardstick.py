@@ -13,9 +13,10 @@ import pytest
 import torch
 
 import tokred
+from tokred.reference import assets_dir
 
 REPO = Path(__file__).resolve().parents[1]
-CHECKPOINT = REPO / "assets" / "digits_vlm"
+CHECKPOINT = assets_dir() / "digits_vlm"
 sys.path.insert(0, str(REPO / "evals"))
 import vlm_data  # noqa: E402
 
