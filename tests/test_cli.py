@@ -117,7 +117,7 @@ def test_vlm_options_need_a_checkpoint(capsys, tmp_path):
     assert "are for a VLM checkpoint" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", ["sweep", "viz"])
+@pytest.mark.parametrize("command", ["viz"])
 def test_other_commands_refuse_a_vlm_checkpoint_clearly(checkpoint, command, capsys):
     with pytest.raises(SystemExit) as exit_:
         main([command, "--model", str(checkpoint)])

@@ -69,5 +69,5 @@ def test_every_asset_is_package_data():
     setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
     assert setuptools["package-dir"]["tokred.assets"] == "assets" and "tokred.assets" in setuptools["packages"]
     files = sorted(path.name for path in (REPO / "assets").iterdir() if path.is_file())
-    folders = sorted(f"{path.name}/*" for path in (REPO / "assets").iterdir() if path.is_dir())
+    folders = sorted(f"{path.relative_to(REPO / 'assets')}/*" for path in (REPO / "assets").rglob("*") if path.is_dir())
     assert sorted(setuptools["package-data"]["tokred.assets"]) == sorted(files + folders)

@@ -166,25 +166,3 @@ def test_removing_tokens_costs_accuracy(shipped):
     with tokred.applied(model, tokred.DivPrune(keep=1 / 16)):
         reduced = cells(_answers(model, processor, batch))
     assert reduced < full - 0.1 * 16 * len(batch)
-
-
-def test_sweep_writes_its_json_and_table(tmp_path):
-    """evals/sweep_vlm.py on a few questions: one row per configuration, the unreduced row first."""
-    import sweep_vlm
-
-    threads = torch.get_num_threads()
-    try:
-        assert sweep_vlm.main(["--per-family", "3", "--families", "describe", "cell", "--reducers", "divprune",
-                               "pool", "--budgets", "0.25", "--out", str(tmp_path), "--threads", str(threads)]) == 0
-    finally:
-        torch.set_num_threads(threads)
-    report = json.loads((tmp_path / "sweep_vlm.json").read_text())
-    assert [r["spec"] for r in report["rows"]] == ["none", "divprune:keep=0.25", "pool:stride=2/stage=projector"]
-    first, *rest = report["rows"]
-    assert first["flops_ratio"] == 1.0 and "agreement" not in first["families"]["cell"]
-    for row in rest:
-        assert row["visual_tokens"] == 16 and 0 < row["flops_ratio"] < 1
-        for family in ("describe", "cell"):
-            r = row["families"][family]
-            assert r["n"] == 3 and 0 <= r["ci95"][0] <= r["accuracy"] <= r["ci95"][1] <= 1 and 0 <= r["agreement"] <= 1
-    assert (tmp_path / "sweep_vlm.md").read_text().count("\n") == 2 + len(report["rows"])

@@ -6,6 +6,19 @@ its list of specs (weakest first) on the embedded reference model and its held-o
 :func:`tokred.flops`). Writes ``sweep.json``, ``sweep.csv``, ``sweep.md`` and ``sweep.png`` (one
 curve per family; the unreduced model as a dashed line) to ``--out``; ``--readme`` also puts the
 table and the plot into the README between ``<!-- sweep:start -->`` and ``<!-- sweep:end -->``.
+
+With ``--model`` a Hugging Face VLM checkpoint folder, the sweep answers a question file instead and
+reports accuracy per question family (95% interval), agreement with the unreduced model, and the
+prefill FLOPs and time-to-first-token ratios (:mod:`tokred.cli.vlm_sweep`); the default settings are
+DivPrune, Random, Pool, DART and FastV at ``--keeps`` of the visual tokens. The question file
+(``--questions``; default: the folder's ``questions.jsonl``) is JSON Lines, one question per line,
+paths relative to the file, e.g.
+``{"image": "img/1.png", "question": "How many dogs?", "answer": "2", "family": "count"}``:
+``image`` / ``images`` / ``frames`` (a clip), ``question`` (put in the processor's chat template) or
+``prompt`` (as written, image tokens included), ``answer``, optional ``family`` and ``score``
+(``exact``, ``last_word`` or ``words``: word by word, for long answers). Writes ``sweep_vlm.json``,
+``sweep_vlm.md`` and ``sweep_vlm.png``; ``--readme`` fills ``<!-- sweep-vlm:start -->`` ..
+``<!-- sweep-vlm:end -->``.
 """
 from __future__ import annotations
 
@@ -16,7 +29,7 @@ import sys
 from pathlib import Path
 
 from tokred import Reducer, registry
-from tokred.cli import bench, require, tables, vlm
+from tokred.cli import bench, require, tables, vlm, vlm_sweep
 
 #: The default sweep: reducer family -> specs (:func:`tokred.parse_spec`), weakest reduction first.
 #: Edit the strengths here. A family runs only while its name is registered (:func:`tokred.list_reducers`).
@@ -200,25 +213,46 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def update_readme(readme: Path, markdown: str, image: str = README_IMAGE) -> None:
-    """Replace what lies between the sweep markers in ``readme`` with ``markdown`` and an image link."""
+def update_readme(readme: Path, markdown: str, image: str = README_IMAGE, markers=(README_START, README_END),
+                  alt: str = "FLOPs ratio versus top-1 and agreement per reducer family") -> None:
+    """Replace what lies between the two ``markers`` in ``readme`` with ``markdown`` and an image link."""
+    start_marker, end_marker = markers
     text = readme.read_text()
-    if text.count(README_START) != 1 or text.count(README_END) != 1:
-        raise ValueError(f"{readme} must contain the markers {README_START} and {README_END} exactly once each")
-    start, end = text.index(README_START), text.index(README_END)
+    if text.count(start_marker) != 1 or text.count(end_marker) != 1:
+        raise ValueError(f"{readme} must contain the markers {start_marker} and {end_marker} exactly once each")
+    start, end = text.index(start_marker), text.index(end_marker)
     if end < start:
-        raise ValueError(f"in {readme}, {README_END} comes before {README_START}")
-    head, tail = text[:start], text[end + len(README_END):]
-    block = f"{README_START}\n{markdown}\n\n![FLOPs ratio versus top-1 and agreement per reducer family]({image})\n{README_END}"
+        raise ValueError(f"in {readme}, {end_marker} comes before {start_marker}")
+    head, tail = text[:start], text[end + len(end_marker):]
+    block = f"{start_marker}\n{markdown}\n\n![{alt}]({image})\n{end_marker}"
     readme.write_text(head + block + tail)
 
 
 # command line ------------------------------------------------------------------------------
+def vlm_settings(args, model) -> list[tuple[str, str, float | None]]:
+    """[(family, spec, keep)] of a VLM sweep: ``--specs`` as given, or the default sweep at ``--keeps``."""
+    if args.max_new_tokens < 1 or args.rounds < 1:
+        raise ValueError(f"--max-new-tokens and --rounds must be >= 1, got {args.max_new_tokens}, {args.rounds}")
+    if args.specs is not None:
+        if args.reducers is not None:
+            raise ValueError("give either --reducers (families of the default VLM sweep) or --specs, not both")
+        return [(family_of(label), label, None) for label, reducers in bench.parse_reducers(args.specs) if reducers]
+    try:
+        keeps = [float(k) for k in args.keeps.split(",")]
+    except ValueError:
+        raise ValueError(f"--keeps takes comma-separated fractions, e.g. 0.5,0.25; got {args.keeps!r}") from None
+    if not all(0 < k <= 1 for k in keeps):
+        raise ValueError(f"--keeps must lie in (0, 1], got {keeps}")
+    names = None if args.reducers is None else [n.strip() for n in args.reducers.split(",")]
+    return vlm_sweep.default_settings(keeps, names, vlm_sweep.tower_shape(model))
+
+
 def add_arguments(parser) -> None:
-    bench.add_model_arguments(parser)
+    bench.add_model_arguments(parser, checkpoints=True)
     parser.add_argument("--reducers", default=None,
                         help=f"comma-separated families of the default sweep (default: every registered one "
-                             f"of {', '.join(SWEEPS)}); their specs are tokred.cli.sweep.SWEEPS")
+                             f"of {', '.join(SWEEPS)}; for a VLM checkpoint {', '.join(vlm_sweep.VLM_SWEEPS)} at the "
+                             f"keeps --keeps); their specs are tokred.cli.sweep.SWEEPS / tokred.cli.vlm_sweep.VLM_SWEEPS")
     parser.add_argument("--specs", default=None,
                         help="explicit comma-separated reducer specs instead, e.g. 'tome:r=2,tome:r=6,pitome:keep=0.8'")
     parser.add_argument("--out", type=Path, default=Path("results/sweep"), help="output directory")
@@ -226,6 +260,14 @@ def add_arguments(parser) -> None:
                         help="also rewrite the README section between the sweep markers (default file: "
                              f"./README.md) and copy the plot to {README_IMAGE} next to it")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    vlm_options = parser.add_argument_group("VLM checkpoints (--model DIR)")
+    vlm_options.add_argument("--questions", type=Path, default=None,
+                             help="JSON Lines question file (format: see above; default: the checkpoint's "
+                                  "questions.jsonl)")
+    vlm_options.add_argument("--keeps", default=",".join(map(str, vlm_sweep.KEEPS)),
+                             help="comma-separated fractions of the visual tokens the default VLM sweep keeps")
+    vlm_options.add_argument("--max-new-tokens", type=int, default=32, help="greedy answer length limit")
+    vlm_options.add_argument("--rounds", type=int, default=5, help="interleaved prefill timing rounds")
     parser.add_argument("--no-calibration", action="store_true",
                         help="skip the learned thresholds, which the default sweep of the reference model "
                              f"calibrates to FLOPs ratios {', '.join(map(str, CALIBRATION_TARGETS))} on its "
@@ -235,8 +277,9 @@ def add_arguments(parser) -> None:
 def main(args) -> int:
     bench.check_model_arguments(args)
     if vlm.is_checkpoint(args.model):
-        raise ValueError("tokred sweep does not take a VLM checkpoint yet: compare specs on it with "
-                         "`tokred bench --model DIR --reducers ...`, or sweep it with evals/sweep_vlm.py")
+        return vlm_sweep.main(args, vlm_settings)
+    if args.questions is not None:
+        raise ValueError("--questions is for a VLM checkpoint folder as --model")
     families = None if args.reducers is None else _parse_families(args.reducers)
     settings = sweep_settings(families, args.specs)
     if args.readme is not None and not args.readme.is_file():

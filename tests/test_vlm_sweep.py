@@ -1,0 +1,161 @@
+"""``tokred sweep --model <VLM checkpoint>`` (tokred/cli/vlm_sweep.py): the question file format and
+its errors, the scoring rules by hand, the default settings, and a short sweep of the shipped digits
+VLM (keep-everything == unreduced, the JSON / Markdown / plot / README outputs)."""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from tokred.cli import main
+from tokred.cli import vlm_sweep as vs
+from tokred.reference import assets_dir
+
+REPO = Path(__file__).resolve().parents[1]
+CHECKPOINT = assets_dir() / "digits_vlm"
+
+
+def _write(tmp_path, records, image=True):
+    if image:
+        from PIL import Image
+
+        Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    path = tmp_path / "q.jsonl"
+    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in records) + "\n")
+    return path
+
+
+def test_read_questions(tmp_path):
+    path = _write(tmp_path, [{"image": "a.png", "question": "How many?", "answer": "2", "family": "count"},
+                             "",
+                             {"images": ["a.png", "a.png"], "prompt": "<image><image> same?", "answer": "yes",
+                              "score": "last_word"}])
+    first, second = vs.read_questions(path)
+    assert first == vs.Question(answer="2", question="How many?", images=(tmp_path / "a.png",), family="count")
+    assert second.prompt == "<image><image> same?" and len(second.images) == 2
+    assert second.family == "all" and second.score == "last_word"
+
+
+@pytest.mark.parametrize("record, message", [
+    ("{not json", "not JSON"),
+    ({"image": "a.png", "question": "q", "answer": "a", "colour": "red"}, "unknown keys ['colour']"),
+    ({"image": "a.png", "question": "q", "prompt": "p", "answer": "a"}, "exactly one of 'question' and 'prompt'"),
+    ({"image": "a.png", "question": "q"}, "no 'answer'"),
+    ({"question": "q", "answer": "a"}, "no 'image'"),
+    ({"image": "b.png", "question": "q", "answer": "a"}, "b.png not found"),
+    ({"images": ["a.png", "a.png"], "question": "q", "answer": "a"}, "use 'prompt'"),
+    ({"image": "a.png", "question": "q", "answer": "a", "score": "fuzzy"}, "score 'fuzzy' is not one of"),
+])
+def test_bad_question_files_say_what_is_wrong(tmp_path, record, message):
+    with pytest.raises((ValueError, FileNotFoundError), match="line 1") as error:
+        vs.read_questions(_write(tmp_path, [record]))
+    assert message in str(error.value)
+
+
+def test_scoring_rules_by_hand():
+    exact = vs.Question(answer="Two dogs.")
+    assert vs.score(exact, " two   DOGS ") == (1, 1, True)
+    assert vs.score(exact, "two dogs and a cat") == (0, 1, False)
+    last = vs.Question(answer="7", score="last_word")
+    assert vs.score(last, "1 2 ; 3 + 4 = 7") == (1, 1, True) and vs.score(last, "7 1") == (0, 1, False)
+    assert vs.score(last, "") == (0, 1, False)
+    words = vs.Question(answer="1 empty 3 4", score="words")
+    assert vs.score(words, "1 empty 9 4 ; extra") == (3, 4, False)
+    assert vs.score(words, "1 empty 3 4 ;") == (4, 4, True)
+    assert vs.score(words, "1") == (1, 4, False)
+
+
+def test_wilson_interval():
+    low, high = vs.wilson(50, 100)
+    assert low == pytest.approx(0.4038, abs=1e-4) and high == pytest.approx(0.5962, abs=1e-4)
+    assert vs.wilson(0, 10)[0] == 0.0 and vs.wilson(10, 10)[1] == 1.0 and vs.wilson(0, 0) == (0.0, 1.0)
+
+
+def test_default_settings():
+    settings = vs.default_settings((0.5, 0.25), tower=(64, 4))
+    specs = {(family, keep): spec for family, spec, keep in settings}
+    assert specs["tome (vision)", 0.25] == "tome:r=12" and specs["tome (vision)", 0.5] == "tome:r=8"
+    assert specs["pool", 0.25] == "pool:stride=2/stage=projector" and specs["dart", 0.5] == "dart:keep=0.5/layer=2"
+    assert len(settings) == 2 * len(vs.VLM_SWEEPS)
+    assert not any("tome" in family for family, _, _ in vs.default_settings((0.5,), tower=None))
+    with pytest.raises(ValueError, match="pool has windows"):
+        vs.default_settings((0.3,), ["pool"])
+    with pytest.raises(ValueError, match="no default VLM sweep for"):
+        vs.default_settings((0.5,), ["holitom-x"])
+
+
+def test_shipped_question_file_is_the_generator_slice(tmp_path):
+    """assets/digits_vlm/questions.jsonl (and its PNGs) is what evals/sweep_vlm.py --export --slice writes."""
+    sys.path.insert(0, str(REPO / "evals"))
+    import sweep_vlm
+    import vlm_data
+
+    path = sweep_vlm.export(tmp_path, vlm_data.SLICE)
+    assert path.read_text() == (CHECKPOINT / "questions.jsonl").read_text()
+    for png in (tmp_path / "questions").iterdir():
+        assert png.read_bytes() == (CHECKPOINT / "questions" / png.name).read_bytes()
+    assert len(vs.read_questions(CHECKPOINT / "questions.jsonl")) == sum(vlm_data.SLICE.values())
+
+
+def test_sweep_of_the_shipped_vlm(tmp_path, capsys):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n{vs.README_START}\nold\n{vs.README_END}\ntail\n")
+    out = tmp_path / "out"
+    assert main(["sweep", "--model", str(CHECKPOINT), "--limit", "10", "--batch-size", "5", "--rounds", "1",
+                 "--max-new-tokens", "20", "--specs", "divprune:keep=1.0,divprune:keep=0.25,fastv:keep=0.25/layer=2",
+                 "--out", str(out), "--readme", str(readme), "--no-progress"]) == 0
+    report = json.loads((out / vs.JSON_NAME).read_text())
+    rows = report["results"]
+    assert [r["spec"] for r in rows] == ["none", "divprune:keep=1.0", "divprune:keep=0.25", "fastv:keep=0.25/layer=2"]
+    none, everything, divprune, fastv = rows
+    assert everything["answers"] == none["answers"] and everything["families"] == none["families"]
+    assert none["flops_ratio"] == 1.0 and none["families"]["describe"]["agreement"] == 1.0
+    assert divprune["flops_ratio"] < 1 and fastv["flops_ratio"] < 1 and fastv["llm_tokens_last_layer"] < none["llm_tokens_last_layer"]
+    for row in rows:
+        family = row["families"]["describe"]
+        assert family["n"] == 10 and 0 <= family["ci95"][0] <= family["accuracy"] <= family["ci95"][1] <= 1
+        assert row["prefill_gmacs"] * 2 == pytest.approx(row["prefill_gflops"]) and row["ttft_ratio"] > 0
+    assert divprune["families"]["describe"]["accuracy"] < none["families"]["describe"]["accuracy"]
+    table = (out / vs.MARKDOWN_NAME).read_text()
+    assert table.count("\n| ") == 1 + len(rows) and "describe % (95% CI)" in table
+    assert (out / vs.PLOT_NAME).stat().st_size > 10_000 and (tmp_path / vs.README_IMAGE).is_file()
+    text = readme.read_text()
+    assert "old" not in text and "`divprune:keep=0.25`" in text and text.endswith("tail\n")
+    assert "TTFT ratio" in capsys.readouterr().out
+
+
+def test_a_checkpoint_without_questions_needs_a_file(tmp_path, capsys):
+    for item in CHECKPOINT.iterdir():
+        if item.is_file() and item.name != "questions.jsonl":
+            shutil.copy(item, tmp_path / item.name)
+    with pytest.raises(SystemExit):
+        main(["sweep", "--model", str(tmp_path), "--specs", "divprune:keep=0.5"])
+    assert "ships no questions.jsonl: pass --questions" in capsys.readouterr().err
+
+
+def test_questions_need_a_checkpoint(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["sweep", "--questions", str(tmp_path / "q.jsonl"), "--no-calibration"])
+    assert "--questions is for a VLM checkpoint" in capsys.readouterr().err
+
+
+def test_evals_sweep_vlm_runs_tokred_sweep(tmp_path):
+    """evals/sweep_vlm.py writes the test split as a question file and hands the rest to tokred sweep."""
+    import torch
+
+    sys.path.insert(0, str(REPO / "evals"))
+    import sweep_vlm
+
+    threads = torch.get_num_threads()
+    try:
+        assert sweep_vlm.main(["--per-family", "3", "--families", "describe", "cell", "--questions-dir",
+                               str(tmp_path / "q"), "--reducers", "divprune,pool", "--keeps", "0.25", "--rounds", "1",
+                               "--out", str(tmp_path), "--threads", str(threads), "--no-progress"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    report = json.loads((tmp_path / vs.JSON_NAME).read_text())
+    assert [r["spec"] for r in report["results"]] == ["none", "divprune:keep=0.25", "pool:stride=2/stage=projector"]
+    assert report["families"] == ["describe", "cell"] and report["questions"] == 6
