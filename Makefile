@@ -1,4 +1,5 @@
 # The README's commands. Each sets up its virtual environment on a fresh clone first.
+#   make bench       the demo benchmark and the VLM accuracy subset (.venv)
 #   make test        the suite on the newest releases the resolver picks (.venv)
 #   make test-floor  the suite on the lowest supported releases, constraints/floor.txt (.venv-floor)
 #   make test-wheel  builds the wheel, installs it alone in a fresh venv (.venv-wheel, created for the run
@@ -30,8 +31,12 @@ $(FLOOR_STAMP): pyproject.toml $(FLOOR)
 	$(FLOOR_PY) -m pip install -e ".[dev]" -c $(FLOOR)
 	touch $(FLOOR_STAMP)
 
+# the demo benchmark, then the fast subset of the VLM accuracy sweep (the shipped digits VLM on its
+# 200-question slice, every default reducer at 1/4 and 1/8 of the visual tokens; about 2 minutes)
 bench: $(STAMP)
 	$(VENV)/bin/tokred bench
+	$(VENV)/bin/tokred sweep --model "$$($(PY) -c 'import tokred.reference as r; print(r.assets_dir() / "digits_vlm")')" \
+		--keeps 0.25,0.125 --max-new-tokens 24 --out results/sweep_vlm_subset
 
 test: $(STAMP)
 	$(PY) $(VERSIONS)

@@ -159,3 +159,24 @@ def test_evals_sweep_vlm_runs_tokred_sweep(tmp_path):
     report = json.loads((tmp_path / vs.JSON_NAME).read_text())
     assert [r["spec"] for r in report["results"]] == ["none", "divprune:keep=0.25", "pool:stride=2/stage=projector"]
     assert report["families"] == ["describe", "cell"] and report["questions"] == 6
+
+
+def test_the_readme_question_file_example_reads(tmp_path):
+    """The JSON Lines example of the README's "Measure accuracy on your own model" is a valid question file."""
+    from PIL import Image
+
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("### Measure accuracy on your own model"):]
+    block = section[section.index("```json\n") + 8:]
+    block = block[:block.index("```")]
+    records = [json.loads(line) for line in block.splitlines()]
+    for record in records:
+        for name in [record.get("image")] + record.get("images", []) + record.get("frames", []):
+            if name:
+                (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+                Image.new("RGB", (4, 4)).save(tmp_path / name)
+    path = tmp_path / "q.jsonl"
+    path.write_text(block)
+    questions = vs.read_questions(path)
+    assert [q.family for q in questions] == ["count", "attribute", "all", "all"]
+    assert len(questions[2].frames) == 3 and questions[3].score == "last_word"
