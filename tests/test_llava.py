@@ -61,7 +61,8 @@ def greedy_cached(model, inputs, steps):
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("reducers", [(), (tokred.DivPrune(keep=1.0),), (tokred.Random(keep=1.0, stage="projector"),),
-                                      (tokred.DART(keep=1.0),), (tokred.FastV(keep=1.0),)], ids=str)
+                                      (tokred.DART(keep=1.0),), (tokred.FastV(keep=1.0),),
+                                      (tokred.AdjacentMerge(keep=1.0),)], ids=str)
 @torch.no_grad()
 def test_removing_nothing_is_the_unpatched_model(models, kind, reducers):
     model = models[kind]
