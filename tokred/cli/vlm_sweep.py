@@ -178,8 +178,8 @@ def _load_image(item):
         return image.convert("RGB")
 
 
-def model_inputs(processor, questions: list[Question]) -> dict:
-    """One left-padded batch of processor inputs for ``questions``."""
+def model_inputs(processor, questions: list[Question], device="cpu") -> dict:
+    """One left-padded batch of processor inputs for ``questions``, on ``device``."""
     from tokred.cli import vlm
 
     texts = [q.prompt if q.prompt is not None else vlm.prompts(processor, [q.question])[0] for q in questions]
@@ -191,7 +191,8 @@ def model_inputs(processor, questions: list[Question]) -> dict:
     tokenizer = getattr(processor, "tokenizer", processor)
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     try:
-        return dict(processor(text=texts, padding=True, return_tensors="pt", **kwargs))
+        return {name: value.to(device) for name, value in processor(text=texts, padding=True, return_tensors="pt",
+                                                                     **kwargs).items()}
     finally:
         tokenizer.padding_side = side
 
@@ -235,7 +236,7 @@ def run(model, processor, questions: list[Question], settings, batch_size: int =
     settings = [("none", "none", 1.0, ())] + [s for s in settings if s[3]]
     batches = [questions[i:i + batch_size] for i in range(0, len(questions), batch_size)]
     families = list(dict.fromkeys(q.family for q in questions))
-    probe = model_inputs(processor, batches[0])
+    probe = model_inputs(processor, batches[0], model.device)
     seconds = prefill_seconds(model, probe, [(s[1], s[3]) for s in settings], rounds)
     bar = tqdm(total=len(settings) * len(batches), desc="sweep", unit="batch", disable=not progress)
     rows, full_answers = [], None
@@ -248,7 +249,7 @@ def run(model, processor, questions: list[Question], settings, batch_size: int =
             report = tokred.flops(model, **probe)
             answers = []
             for batch in batches:
-                answers += generate(model, processor, model_inputs(processor, batch), max_new_tokens)
+                answers += generate(model, processor, model_inputs(processor, batch, model.device), max_new_tokens)
                 bar.update()
         if full_answers is None:
             full_answers, full_flops, full_seconds = answers, report.total, prefill
@@ -333,6 +334,7 @@ def main(args, settings_of) -> int:
     from tokred.cli import bench, sweep, vlm
 
     model, processor = vlm.load(Path(args.model))
+    model.to(args.device)
     settings = settings_of(args, model)
     path = args.questions or Path(args.model) / "questions.jsonl"
     if not Path(path).is_file():
@@ -343,7 +345,8 @@ def main(args, settings_of) -> int:
     report = run(model, processor, questions, parsed, batch_size=args.batch_size,
                  max_new_tokens=args.max_new_tokens, rounds=args.rounds, progress=not args.no_progress)
     report["settings"] = {"model": str(args.model), "model_class": type(model).__name__, "questions": str(path),
-                          "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens}
+                          "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
+                          "device": str(args.device)}
     report["versions"] = bench.versions()
     header = (f"{args.model} ({type(model).__name__}) on {len(questions)} questions of {path}: greedy answers; "
               f"FLOPs ratio = analytic prefill FLOPs reduced / full; TTFT ratio = median prefill time of the first "
