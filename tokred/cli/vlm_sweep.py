@@ -318,10 +318,11 @@ def plot(report: dict, path: Path, title: str) -> None:
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(families):]:
         ax.set_axis_off()
-    axes.flat[0].legend(fontsize=7, loc="lower right")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
 
 
