@@ -135,7 +135,7 @@ class _LayerMixin:
 class _HeadMixin:
     def forward(self, hidden_state: Tensor) -> Tensor:
         tower = self._tokred_tower
-        tower.head_input = tuple(hidden_state.shape[:2])
+        tower.head_ran = True
         run = tower.stage.last_run
         if run is None or run.size is None or tuple(run.size.shape[:2]) != tuple(hidden_state.shape[:2]):
             return super().forward(hidden_state)
@@ -144,7 +144,7 @@ class _HeadMixin:
 
 class ProjectionRowsMixin:
     def forward(self, x: Tensor) -> Tensor:
-        self._tokred_owner.projected_rows = x.shape[:-1].numel()
+        self._tokred_owner.projected_per_image = x.shape[:-1].numel() // x.shape[0]
         return super().forward(x)
 
 
@@ -202,7 +202,7 @@ class VisionTower:
         self.trace: Trace | None = None
         self.pending_grid: tuple[int, int] | None = None  # set by the embeddings, read by the encoder
         self.patch_grid: tuple[int, int] | None = None  # grid of the patch embedding of the last forward
-        self.head_input: tuple[int, int] | None = None  # (batch, tokens) the pooling head ran on
+        self.head_ran = False  # whether the pooling head ran in the last forward
 
     # patching -------------------------------------------------------------------------------------
     def _patched_modules(self) -> list[tuple[nn.Module, type, int | None]]:
@@ -246,7 +246,7 @@ class VisionTower:
             grid = self._config_grid()
         if grid[0] * grid[1] + self.num_prefix != x.shape[1]:
             grid = self.patch_grid = None
-        self.head_input = None
+        self.head_ran = False
         return self.stage.running(x.shape[0], grid, on_end=self._ended)
 
     def _ended(self, trace: Trace) -> None:
@@ -269,13 +269,15 @@ class VisionTower:
 
     # FLOPs ----------------------------------------------------------------------------------------
     def add_flops(self, trace: Trace, report: FlopsReport) -> None:
-        """Add the FLOPs of the tower forward that produced ``trace`` to ``report`` (its stage)."""
+        """Add the FLOPs of the tower forward that produced ``trace`` to ``report`` (its stage): its
+        batch and token counts come from the trace (so a trace of one image counts one image), what
+        ran (the patch grid, the pooling head) from the last forward."""
         stage, batch = self.stage.stage, trace.batch_size
         if self.patch_grid is not None:
             report.add(stage, "patch_embed", conv_flops(self.embeddings.patch_embedding, batch, self.patch_grid))
         add_block_flops(report, trace, self.layer_costs, stage)
-        if self.head is not None and self.head_input is not None:
-            report.add(stage, "head", self._head_flops(*self.head_input))
+        if self.head is not None and self.head_ran:
+            report.add(stage, "head", self._head_flops(batch, trace.final_tokens))
 
     def layer_costs(self, layer: int) -> LayerCosts:
         encoder_layer = self.layers[layer]
@@ -308,12 +310,12 @@ class HFVisionAdapter(Adapter):
                                  replaces=current.tower if isinstance(current, HFVisionAdapter) else None)
         projection = getattr(model, "visual_projection", None)
         self.projection = projection if isinstance(projection, nn.Linear) else None
-        self.projected_rows: int | None = None
+        self.projected_per_image: int | None = None  # rows per image the projection ran on, last forward
         self.num_prefix = self.tower.num_prefix
 
     def set_trace(self, trace: Trace) -> None:
         self.trace = trace
-        self.projected_rows = None
+        self.projected_per_image = None
 
     @property
     def stage(self) -> VisionStage:
@@ -341,6 +343,6 @@ class HFVisionAdapter(Adapter):
     def flops(self, trace: Trace) -> FlopsReport:
         report = FlopsReport()
         self.tower.add_flops(trace, report)
-        if self.projection is not None and self.projected_rows is not None:
-            report.add("vision", "projection", linear_flops(self.projection, self.projected_rows))
+        if self.projection is not None and self.projected_per_image is not None:
+            report.add("vision", "projection", linear_flops(self.projection, trace.batch_size * self.projected_per_image))
         return report

@@ -1,8 +1,10 @@
 """The embedded reference model, the reducer-spec parser and ``tokred bench`` end to end."""
 from __future__ import annotations
 
+import gc
 import json
 import re
+import time
 
 import numpy as np
 import pytest
@@ -136,7 +138,8 @@ def test_bench_end_to_end(tmp_path, capsys):
     assert report["num_images"] == config["dataset"]["num_test"]
     rows = {row["reducer"]: row for row in report["results"]}
     assert set(rows) == {"none", "tome:r=4"}
-    keys = {"tokens_final", "gflops_per_image", "flops_ratio", "throughput_ratio", "top1", "agreement", "times_s"}
+    keys = {"tokens_final", "gflops_per_image", "gmacs_per_image", "flops_ratio", "throughput_ratio",
+            "throughput_ratio_quartiles", "top1", "agreement", "times_s"}
     for row in rows.values():
         assert keys <= row.keys()
         assert len(row["times_s"]) == 1 and row["throughput_ratio"] > 0
@@ -151,12 +154,86 @@ def test_bench_end_to_end(tmp_path, capsys):
     assert none["gflops_per_image"] == pytest.approx(report["full"]["gflops_per_image"])
     image = load_reference_data()[0][:1]
     assert none["gflops_per_image"] == pytest.approx(tokred.flops(model, image).total / 1e9)
+    assert none["gmacs_per_image"] == pytest.approx(none["gflops_per_image"] / 2)
+    assert report["timing"]["threads"] == report["settings"]["threads"] == 1  # the default
+    assert "GMACs/img" in printed and "1 CPU thread" in printed
     assert tome["flops_ratio"] < 1
     assert tome["tokens_final"] == _expected_tokens(num_tokens, model.num_prefix_tokens, 4, len(model.blocks))
     assert 0 < tome["agreement"] <= 1 and 0 < tome["top1"] <= 1
 
     png = (out / PLOT_NAME).read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 1000
+
+
+# timing statistic ---------------------------------------------------------------------------
+def test_timing_rounds_interleave_and_take_the_median_of_per_round_ratios(monkeypatch):
+    """Scripted times: the warm-up rounds are dropped, every round runs each model once in rotated
+    order, and the ratio is the median of the per-round ratios (not a ratio of medians), with quartiles."""
+    from tokred.cli import bench
+
+    model = load_reference_model()
+    images = load_reference_data()[0][:4]
+    settings = parse_reducers("none,tome:r=2")
+    full_times = iter([9.0, 9.0, 1.0, 2.0, 4.0, 8.0, 16.0])  # two warm-up rounds first
+    other_times = {"none": iter([9.0, 9.0, 0.5, 2.0, 1.0, 8.0, 16.0]),     # ratios 2, 1, 4, 1, 1 (medians: 4 / 2)
+                   "tome:r=2": iter([9.0, 9.0, 2.0, 4.0, 8.0, 16.0, 32.0])}  # ratios 0.5 in every round
+    order, threads = [], []
+
+    def scripted(run_model, batch, clock):
+        assert clock == "cpu" and not gc.isenabled()  # auto: one thread on the CPU; no garbage collection
+        label = next(label for label, m in models.items() if m is run_model)
+        order.append(label)
+        threads.append(torch.get_num_threads())
+        return next(full_times) if label == "full" else next(other_times[label])
+
+    models = {}
+    evaluate = bench.evaluate
+
+    def evaluate_and_name(*args, **kwargs):
+        evaluation = evaluate(*args, **kwargs)
+        models.update({run.label: run.model for run in evaluation.runs})
+        return evaluation
+
+    monkeypatch.setattr(bench, "_time", scripted)
+    monkeypatch.setattr(bench, "evaluate", evaluate_and_name)
+    before = torch.get_num_threads()
+    report = bench.run_bench(model, [(images, None)], settings, rounds=5, warmup=2, threads=1, progress=False)
+    assert torch.get_num_threads() == before and set(threads) == {1} and gc.isenabled()
+    assert order[:6] == ["full", "none", "tome:r=2", "none", "tome:r=2", "full"]  # rotated by one each round
+    assert len(order) == 3 * 7
+    rows = {row["reducer"]: row for row in report["results"]}
+    assert rows["none"]["throughput_ratio"] == 1.0 and rows["none"]["throughput_ratio_quartiles"] == [1.0, 2.0]
+    assert rows["none"]["times_s"] == [0.5, 2.0, 1.0, 8.0, 16.0]
+    assert rows["tome:r=2"]["throughput_ratio"] == 0.5
+    assert report["timing"] == {"clock": "cpu", "threads": 1, "warmup_rounds": 2, "rounds": 5, "batch_size": 4,
+                                "device": "cpu", "statistic": report["timing"]["statistic"]}
+    described = bench.timing_description(report["timing"])
+    assert "median over 5 interleaved rounds" in described and "2 warm-up" in described and "1 CPU thread" in described
+    assert "CPU time" in described
+
+
+def test_cpu_clock_counts_computation_not_waiting():
+    from tokred.cli import bench
+
+    class Sleeper(torch.nn.Module):
+        def forward(self, x):
+            time.sleep(0.05)  # waiting, as for a core another program holds
+            return x
+
+    assert bench._time(Sleeper(), torch.zeros(1), "cpu") < 0.02 < 0.05 <= bench._time(Sleeper(), torch.zeros(1), "wall")
+
+
+def test_bench_timing_bad_input():
+    from tokred.cli import bench
+
+    model, images = load_reference_model(), load_reference_data()[0][:2]
+    for kwargs in ({"rounds": 0}, {"warmup": -1}, {"threads": 0}):
+        with pytest.raises(ValueError, match="must be >= "):
+            bench.run_bench(model, [(images, None)], [], progress=False, **kwargs)
+    with pytest.raises(ValueError, match="clock must be"):
+        bench.run_bench(model, [(images, None)], [], progress=False, clock="tsc")
+    with pytest.raises(ValueError, match="the cpu clock times one thread on the CPU"):
+        bench.run_bench(model, [(images, None)], [], progress=False, clock="cpu", threads=2)
 
 
 def test_bench_timm_model_without_data_reports_agreement_only(tmp_path, capsys):

@@ -1,10 +1,12 @@
 """``tokred bench``: FLOPs, measured speed and accuracy of reducers against the full model.
 
 Every setting runs on deep copies of one model, in one process. For each setting the benchmark
-records the tokens left after the last layer, analytic GFLOPs per image (:func:`tokred.flops`),
-the FLOPs ratio and the measured throughput ratio against the unreduced model (interleaved
-timing rounds on the same batch, medians), top-1 accuracy when labels exist, and agreement with
-the full model's predictions.
+records the tokens left after the last layer, analytic GFLOPs per image (:func:`tokred.flops`, 2 x
+multiply-adds) and GMACs (multiply-adds), the FLOPs ratio and the measured speed ratio against the
+unreduced model (by default the CPU time of one thread, so that other programs on a shared machine
+do not count; warm-up rounds, then interleaved timing rounds on the same batch: median of the
+per-round ratios, with their quartiles), top-1 accuracy when labels exist, and agreement with the
+full model's predictions.
 
 With a Hugging Face vision-language checkpoint folder as ``--model`` (a LLaVA or Qwen2-VL family
 model saved with its processor) it runs the reducer specs on a few generated prompts about one
@@ -14,13 +16,14 @@ image instead and reports prefill FLOPs ratios and agreement with the full model
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import platform
 import statistics
 import sys
 import time
 from collections.abc import Iterable, Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +35,10 @@ from tokred import Reducer
 from tokred.cli import tables, vlm
 
 DEFAULT_REDUCERS = "none,tome:r=2,tome:r=4,tome:r=6,tome:r=8"
+#: timing defaults: one thread, read on the CPU-time clock (on a shared or busy CPU, threads of one
+#: forward wait for each other and wall-clock rounds take several times longer), untimed warm-up
+#: rounds, then interleaved rounds
+TIMING = {"threads": 1, "warmup": 2, "rounds": 15}
 JSON_NAME = "bench.json"
 PLOT_NAME = "flops_vs_accuracy.png"
 
@@ -78,12 +85,18 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time(model: nn.Module, batch: Tensor) -> float:
+#: what a timing round reads: the process's CPU time (one thread on the CPU: the time the forward
+#: computed, without the time other programs held the core), or wall-clock time
+CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
+
+
+def _time(model: nn.Module, batch: Tensor, clock: str = "wall") -> float:
+    read = CLOCKS[clock]
     _sync(batch.device)
-    start = time.perf_counter()
+    start = read()
     model(batch)
     _sync(batch.device)
-    return time.perf_counter() - start
+    return read() - start
 
 
 @dataclass
@@ -180,6 +193,7 @@ def accuracy_summary(run: _Setting, full: _Setting, has_labels: bool) -> dict:
         "tokens_final": final[0] if len(final) == 1 else statistics.mean(run.final_tokens),
         "tokens_per_layer": run.tokens,
         "gflops_per_image": flops / 1e9,
+        "gmacs_per_image": flops / 2e9,  # tokred counts FLOPs as 2 x multiply-adds; most papers quote multiply-adds
         "flops_ratio": flops / (full.flops / full.images),
         "top1": run.correct / run.images if has_labels else None,
         "agreement": run.agree / run.images,
@@ -187,56 +201,107 @@ def accuracy_summary(run: _Setting, full: _Setting, has_labels: bool) -> dict:
     }
 
 
+@contextmanager
+def _timing_conditions(threads: int | None) -> Iterator[None]:
+    """Inside the block: torch's intra-op CPU threads set to ``threads`` (None: left as they are) and
+    Python's garbage collector off (as ``timeit`` does), so that no round pays for another's garbage."""
+    before, collecting = torch.get_num_threads(), gc.isenabled()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    gc.disable()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+        if collecting:
+            gc.enable()
+
+
+def quartiles(values: list[float]) -> tuple[float, float, float]:
+    """(first quartile, median, third quartile) of ``values`` (inclusive method: one value gives itself)."""
+    if len(values) == 1:
+        return values[0], values[0], values[0]
+    first, median, third = statistics.quantiles(values, n=4, method="inclusive")
+    return first, median, third
+
+
 def run_bench(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor | None]],
-              settings: list[tuple[str, Reducer | None]], rounds: int = 5, device: str | torch.device = "cpu",
-              num_batches: int | None = None, progress: bool = True) -> dict:
+              settings: list[tuple[str, tuple[Reducer, ...]]], rounds: int = TIMING["rounds"],
+              device: str | torch.device = "cpu", num_batches: int | None = None, progress: bool = True,
+              threads: int | None = TIMING["threads"], warmup: int = TIMING["warmup"], clock: str = "auto") -> dict:
     """Benchmark ``settings`` on deep copies of ``model`` over ``batches`` of (images, labels or None).
 
-    Returns a dict with the full model's numbers under ``"full"`` and one entry per setting under
-    ``"results"``. Throughput ratios come from ``rounds`` interleaved timing rounds on the first
-    batch (full model and every setting one after the other, order rotated each round);
-    ratio = median time of the full model / median time of the setting.
+    Returns a dict with the full model's numbers under ``"full"``, one entry per setting under
+    ``"results"`` and how the times were taken under ``"timing"``. Accuracy and FLOPs come from
+    :func:`evaluate` (torch's thread setting). Speed: on the first batch, with ``threads`` CPU
+    threads (None: torch's setting), ``warmup`` untimed rounds, then ``rounds`` timed rounds; a
+    round runs the full model and every setting once each, one after the other, the order rotated
+    by one each round. A setting's speed ratio is the median over rounds of (full model's time /
+    setting's time) within the round, so both times of a ratio saw the same load on the machine;
+    the quartiles of those per-round ratios are reported too. ``clock``: ``"cpu"`` (the process's
+    CPU time: with one thread on the CPU, what the forward computed, not the time other programs
+    held the core), ``"wall"``, or ``"auto"`` (``"cpu"`` for one thread on the CPU, else ``"wall"``).
     """
     from tqdm import tqdm
 
-    if rounds < 1:
-        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    if rounds < 1 or warmup < 0:
+        raise ValueError(f"rounds must be >= 1 and warmup >= 0, got {rounds} and {warmup}")
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    if clock not in ("auto", *CLOCKS):
+        raise ValueError(f"clock must be 'auto', 'cpu' or 'wall', got {clock!r}")
+    one_cpu_thread = (threads if threads is not None else torch.get_num_threads()) == 1 and \
+        torch.device(device).type == "cpu"
+    if clock == "auto":
+        clock = "cpu" if one_cpu_thread else "wall"
+    if clock == "cpu" and not one_cpu_thread:
+        raise ValueError("the cpu clock times one thread on the CPU; use clock='wall' for more threads or a GPU")
     evaluation = evaluate(model, batches, settings, device=device, num_batches=num_batches, progress=progress)
     runs, full, timing_batch = evaluation.runs, evaluation.full, evaluation.first_batch
 
-    with torch.inference_mode():
-        for run in runs:  # warm-up
-            run.model(timing_batch)
-        bar = tqdm(range(rounds), desc="timing", unit="round", disable=not progress, file=sys.stdout)
+    with _timing_conditions(threads), torch.inference_mode():
+        used_threads = torch.get_num_threads()
+        bar = tqdm(range(warmup + rounds), desc="timing", unit="round", disable=not progress, file=sys.stdout)
         for round_index in bar:
             shift = round_index % len(runs)
             for run in runs[shift:] + runs[:shift]:
-                run.times.append(_time(run.model, timing_batch))
-
-    full_time = statistics.median(full.times)
+                elapsed = _time(run.model, timing_batch, clock)
+                if round_index >= warmup:
+                    run.times.append(elapsed)
 
     def summary(run: _Setting) -> dict:
         accuracy = accuracy_summary(run, full, evaluation.has_labels)
         flops_ratio = accuracy["flops_ratio"]
-        throughput_ratio = full_time / statistics.median(run.times)
-        per_round = sorted(f / t for f, t in zip(full.times, run.times))
+        first, throughput_ratio, third = quartiles([f / t for f, t in zip(full.times, run.times)])
         return {
             **{key: accuracy[key] for key in ("reducer", "reducer_repr", "tokens_final", "tokens_per_layer",
-                                               "gflops_per_image", "flops_ratio")},
+                                               "gflops_per_image", "gmacs_per_image", "flops_ratio")},
             "throughput_ratio": throughput_ratio,
+            "throughput_ratio_quartiles": [first, third],
             "predicted_speedup": 1 / flops_ratio,
             "speedup_of_predicted": throughput_ratio * flops_ratio,
             "top1": accuracy["top1"],
             "agreement": accuracy["agreement"],
-            "throughput_ratio_range": [per_round[0], per_round[-1]],
             "median_time_s": statistics.median(run.times),
             "times_s": run.times,
             "notes": accuracy["notes"],
         }
 
-    return {"full": summary(full), "results": [summary(run) for run in runs[1:]],
-            "num_images": full.images, "timing_batch_size": int(timing_batch.shape[0]), "rounds": rounds,
+    timing = {"clock": clock, "threads": used_threads, "warmup_rounds": warmup, "rounds": rounds,
+              "batch_size": int(timing_batch.shape[0]), "device": str(timing_batch.device),
+              "statistic": "median over rounds of the full model's time / the setting's time in the same round"}
+    return {"full": summary(full), "results": [summary(run) for run in runs[1:]], "timing": timing,
+            "num_images": full.images, "timing_batch_size": timing["batch_size"], "rounds": rounds,
             "has_labels": evaluation.has_labels}
+
+
+def timing_description(timing: dict) -> str:
+    """One sentence saying how the speed ratios of a :func:`run_bench` report were measured."""
+    threads = f"{timing['threads']} CPU thread" + ("s" if timing["threads"] != 1 else "")
+    clock = "CPU time" if timing["clock"] == "cpu" else "wall-clock time"
+    return (f"speed ratio = full model's {clock} / reduced model's on one batch of {timing['batch_size']} images, "
+            f"median over {timing['rounds']} interleaved rounds (after {timing['warmup_rounds']} warm-up rounds), "
+            f"{threads}; IQR = quartiles of the per-round ratios")
 
 
 # data ---------------------------------------------------------------------------------------
@@ -315,11 +380,13 @@ def load_model_and_data(args):
 # output -------------------------------------------------------------------------------------
 def format_table(report: dict) -> str:
     """The results as a Markdown table (:func:`tokred.cli.tables.markdown`), one row per setting."""
-    rows = [[row["reducer"], f"{row['tokens_final']:g}", f"{row['gflops_per_image']:.4f}", f"{row['flops_ratio']:.3f}",
-             f"{row['throughput_ratio']:.3f}", tables.percent(row["top1"]), tables.percent(row["agreement"])]
+    rows = [[row["reducer"], f"{row['tokens_final']:g}", f"{row['gflops_per_image']:.4f}",
+             f"{row['gmacs_per_image']:.4f}", f"{row['flops_ratio']:.3f}", f"{row['throughput_ratio']:.3f}",
+             "{:.2f}-{:.2f}".format(*row["throughput_ratio_quartiles"]), tables.percent(row["top1"]),
+             tables.percent(row["agreement"])]
             for row in report["results"]]
-    return tables.markdown(rows, ["reducer", "tokens after last block", "GFLOPs/img", "FLOPs ratio", "speed ratio",
-                                  "top-1", "agreement"])
+    return tables.markdown(rows, ["reducer", "tokens after last block", "GFLOPs/img", "GMACs/img", "FLOPs ratio",
+                                  "speed ratio", "IQR", "top-1", "agreement"])
 
 
 def plot(report: dict, path: Path) -> None:
@@ -388,10 +455,18 @@ def add_arguments(parser) -> None:
                              f"for a VLM checkpoint {vlm.DEFAULT_REDUCERS}); e.g. "
                              "'none,tome:r=8,tome:r=8/prop_attn=false,tome:r=8;-0.5,pool:stride=1;2' "
                              "(the grammar: tokred.parse_spec)")
-    parser.add_argument("--rounds", type=int, default=11, help="interleaved timing rounds")
+    parser.add_argument("--rounds", type=int, default=TIMING["rounds"],
+                        help=f"interleaved timing rounds (default {TIMING['rounds']}, after {TIMING['warmup']} "
+                             "untimed warm-up rounds)")
     parser.add_argument("--out", type=Path, default=Path("results/bench"), help="output directory")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's own setting); on a busy machine 1 gives steadier timings")
+    parser.add_argument("--threads", type=int, default=TIMING["threads"],
+                        help=f"torch CPU threads for the timing rounds (default {TIMING['threads']}: on a shared or "
+                             "busy machine more threads wait for each other and the ratios become noise; 0: torch's "
+                             "own setting); accuracy and FLOPs are evaluated with torch's setting")
+    parser.add_argument("--clock", choices=("auto", *CLOCKS), default="auto",
+                        help="what the timing rounds read: the process's CPU time (with one thread: the time the "
+                             "forward computed, not the time other programs held the core) or wall-clock time "
+                             "(default auto: cpu for one thread on the CPU, else wall)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     parser.add_argument("--image", type=Path, default=None,
                         help="VLM checkpoint only: the image the generated prompts ask about (default: the sample photo)")
@@ -413,25 +488,25 @@ def main(args) -> int:
         raise ValueError("--image, --prompts and --max-new-tokens are for a VLM checkpoint as --model (the reference "
                          "model and timm models run on their data)")
     args.reducers = args.reducers or DEFAULT_REDUCERS
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    if args.threads < 0:
+        raise ValueError(f"--threads must be >= 1, or 0 for torch's own setting, got {args.threads}")
+    if args.rounds < 1:
+        raise ValueError(f"--rounds must be >= 1, got {args.rounds}")
     settings = parse_reducers(args.reducers)
     model, batches, num_batches, described, notes = load_model_and_data(args)
     for note in notes:
         print(f"note: {note}")
     report = run_bench(model, batches, settings, rounds=args.rounds, device=args.device,
-                       num_batches=num_batches, progress=not args.no_progress)
+                       num_batches=num_batches, progress=not args.no_progress, threads=args.threads or None,
+                       clock=args.clock)
     report["settings"] = {**described, "pretrained": args.pretrained, "limit": args.limit,
                           "batch_size": args.batch_size, "device": str(args.device), "rounds": args.rounds,
-                          "reducers": [label for label, _ in settings], "threads": torch.get_num_threads(),
+                          "reducers": [label for label, _ in settings], "threads": report["timing"]["threads"],
                           "notes": notes}
     report["versions"] = versions()
     print()
-    print(f"{described['model']} on {described['data']}: {report['num_images']} images; speed ratio = "
-          f"throughput reduced / full, median of {args.rounds} interleaved rounds on a batch of "
-          f"{report['timing_batch_size']}")
+    print(f"{described['model']} on {described['data']}: {report['num_images']} images; GFLOPs = 2 x GMACs "
+          f"(multiply-adds), analytic; {timing_description(report['timing'])}")
     print(format_table(report))
     for row in report["results"]:
         for note in row["notes"][:3]:
