@@ -8,16 +8,19 @@
 VENV ?= .venv
 FLOOR_VENV ?= .venv-floor
 WHEEL_VENV ?= .venv-wheel
+LMMS_VENV ?= .venv-lmms
 FLOOR := constraints/floor.txt
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 FLOOR_PY := $(FLOOR_VENV)/bin/python
 STAMP := $(VENV)/.tokred-installed
 FLOOR_STAMP := $(FLOOR_VENV)/.tokred-installed
+LMMS_PY := $(LMMS_VENV)/bin/python
+LMMS_STAMP := $(LMMS_VENV)/.tokred-installed
 # prints the releases a run uses
 VERSIONS := -c "import importlib.metadata as m; print('versions:', *(p + '==' + m.version(p) for p in ('torch', 'torchvision', 'transformers', 'timm', 'open_clip_torch')))"
 
-.PHONY: bench test test-floor test-wheel
+.PHONY: bench test test-floor test-wheel test-lmms
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -45,6 +48,25 @@ test: $(STAMP)
 test-floor: $(FLOOR_STAMP)
 	$(FLOOR_PY) $(VERSIONS)
 	$(FLOOR_PY) -m pytest -q
+
+# tokred[lmms] (lmms-eval and its ~100 dependencies) in its own venv, layered over $(VENV) so that no second
+# torch is downloaded: a .pth line puts $(VENV)'s site-packages after the new venv's own, and a constraints
+# file pins torch/torchvision to $(VENV)'s releases. What lmms-eval adds or upgrades lands in $(LMMS_VENV) only.
+$(LMMS_STAMP): $(STAMP) pyproject.toml
+	test -x $(LMMS_PY) || $(PYTHON) -m venv $(LMMS_VENV)
+	$(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" \
+	  > "$$($(LMMS_PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/tokred-base-venv.pth"
+	$(PY) -c "import importlib.metadata as m; print(*(p + '==' + m.version(p) for p in ('torch', 'torchvision')), sep='\n')" \
+	  > $(LMMS_VENV)/constraints.txt
+	$(LMMS_PY) -m pip install -e ".[lmms]" -c $(LMMS_VENV)/constraints.txt
+	touch $(LMMS_STAMP)
+
+# The lmms-eval plugin's tests (tests/test_lmms_eval.py: the CLI on the local digits tasks, the Python API);
+# `make test` skips them because $(VENV) has no lmms-eval.
+test-lmms: $(LMMS_STAMP)
+	$(LMMS_PY) $(VERSIONS)
+	$(LMMS_PY) -c "import importlib.metadata as m; print('versions:', *(p + '==' + m.version(p) for p in ('lmms-eval', 'datasets', 'accelerate', 'filelock')))"
+	$(LMMS_PY) -m pytest -q tests/test_lmms_eval.py
 
 # Short runs (about a minute in all): the reference model on 64 digits with two settings and three
 # timing rounds, the picture of one digit, and the one-line message of a missing extra (the wheel
