@@ -1,6 +1,6 @@
 """Hugging Face LLaVA-family vision-language models (transformers 5.x):
 ``LlavaForConditionalGeneration`` (LLaVA-1.5), ``LlavaNextForConditionalGeneration`` (AnyRes crops,
-``image_newline`` tokens) and ``LlavaOnevisionForConditionalGeneration`` (images).
+``image_newline`` tokens) and ``LlavaOnevisionForConditionalGeneration`` (images and videos).
 
 Stages:
 
@@ -9,6 +9,11 @@ Stages:
   the crop grid (AnyRes packing, newline tokens), which needs every patch. Each image's remaining
   tokens fill the first slots of its placeholder run; the run's other placeholders are dropped.
 - ``projector``: on each image's projected visual tokens (``plan_images``), before the language model.
+  A LLaVA-OneVision video (``pixel_values_videos``, (videos, frames, 3, H, W)) is one visual item:
+  its frames' pooled tokens (frame by frame, each ceil(side / 2)^2 after the model's 2 x 2 bilinear
+  pooling) with layout ``(frames, ceil(side / 2), ceil(side / 2))``, and the one ``image_newline``
+  after them, protected (never removed or merged). Reducers that ``needs_tower_attention`` get
+  each video token's attention received in the tower's last used layer (:meth:`LlavaAdapter.tower_attention`).
 - ``llm``: before decoder layer K, in the core language-model engine (:mod:`tokred.decoder`).
 
 What all VLM families share (placeholders, the projector stage, the hand-off to the core
@@ -23,18 +28,18 @@ match the cached run.
 from __future__ import annotations
 
 import inspect
+import math
 import sys
 
 import torch
 from torch import Tensor, nn
 
-from tokred.adapters.base import restore_class, swap_class
-from tokred.adapters.hf_vision import ProjectionRowsMixin, VisionTower
-from tokred.adapters.vlm import VisionLanguageAdapter
+from tokred.adapters.hf_vision import VisionTower
+from tokred.adapters.vlm import VisionLanguageAdapter, VisualItem
 from tokred.flops import FlopsReport, LayerCosts, linear_flops
 from tokred.reducers.base import Reducer, kept_count
 from tokred.reducers.baselines import Pool
-from tokred.signals import Layout
+from tokred.signals import Heads, Layout
 from tokred.trace import Trace
 
 #: the image inputs ``get_image_features`` of the three families accept
@@ -77,31 +82,83 @@ class LlavaAdapter(VisionLanguageAdapter):
         self.tower = VisionTower(base.vision_tower, reducers.get("vision"), on_end=self._tower_done,
                                  replaces=current.tower if isinstance(current, LlavaAdapter) else None)
         projector = reducers.get("projector")
-        if isinstance(projector, Pool) and self.image_grid() is None:
+        if isinstance(projector, Pool) and self.image_grid() is None and self.kind != "llava_onevision":
             raise ValueError(f"Pool at the projector stage needs each image's visual tokens to form the patch grid; "
                              f"{name}'s do not (AnyRes crops, newline tokens or the class token): use Random or "
                              "DivPrune there")
         if isinstance(getattr(projector, "keep", None), int) and self.image_grid() is not None:
             rows, cols = self.image_grid()
             kept_count(projector.keep, rows * cols)  # a count larger than an image's tokens
+        if getattr(projector, "needs_tower_attention", False):
+            layer = self.config.vision_feature_layer
+            if self.kind != "llava_onevision" or not isinstance(layer, int) or layer % (len(self.tower.layers) + 1) == 0:
+                raise ValueError(f"{type(projector).__name__} needs the vision tower's attention, which tokred provides "
+                                 "for LLaVA-OneVision videos with one vision_feature_layer after the embeddings; "
+                                 f"{name} has none: use a reducer that needs no tower attention (DivPrune, Random)")
+            self.attention_layer = self.tower.layers[layer % (len(self.tower.layers) + 1) - 1]
         self.projector = base.multi_modal_projector
-        self.projected_rows = 0  # visual features the projector ran on in the last prefill
+        # per tower run of the current prompt: [its trace, the rows its projector ran on]; tower-attention FLOPs
+        self.encodings: list[list] = []
+        self.tower_attention_flops = 0
+        self._encodings_used = False  # the last prefill used them: the next tower run starts a new prompt
+        self._hooks: list = []
 
     # patching -------------------------------------------------------------------------------------
     def patch(self) -> None:
         self.tower.patch()
-        swap_class(self.projector, ProjectionRowsMixin)
-        self.projector._tokred_owner = self
+        self._hooks = [self.projector.register_forward_hook(self._projected)]
         super().patch()
 
     def unpatch(self) -> None:
         self.tower.unpatch()
-        restore_class(self.projector)
-        del self.projector._tokred_owner
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
         super().unpatch()
 
     def _tower_done(self, trace: Trace) -> None:
+        if self._encodings_used:
+            self.encodings, self.tower_attention_flops, self._encodings_used = [], 0, False
+        self.encodings.append([trace, 0])
         self.vision_trace = trace
+
+    def _projected(self, module, args, output) -> None:
+        if self.encodings:
+            self.encodings[-1][1] = args[0].shape[:-1].numel()
+
+    def _finish_trace(self, *args, **kwargs) -> None:
+        super()._finish_trace(*args, **kwargs)
+        self._encodings_used = True
+
+    def tower_attention(self, hidden: Tensor) -> Tensor:
+        """(B, N) mean attention each token receives in the tower's last used layer (averaged over
+        heads and over every query row), from that layer's input ``hidden`` (B, N, C): its queries
+        and keys are recomputed (``layer_norm1``, ``q_proj``, ``k_proj``) and the softmax is taken
+        over chunks of queries (:meth:`~tokred.signals.Heads.received`), so the tower keeps its
+        fused attention and no N x N matrix exists. Adds the recomputation to ``tower_attention_flops``.
+
+        The one source of the tower-attention signal of the LLaVA family (VisionZip, HoliTom)."""
+        layer = self.attention_layer
+        attn = layer.self_attn
+        x = layer.layer_norm1(hidden)
+        shape = (*x.shape[:2], -1, attn.head_dim)
+        heads = Heads(attn.q_proj(x).view(shape).transpose(1, 2), attn.k_proj(x).view(shape).transpose(1, 2),
+                      attn.scale, None)
+        rows = x.shape[0] * x.shape[1]
+        self.tower_attention_flops += linear_flops(attn.q_proj, rows) + linear_flops(attn.k_proj, rows) + heads.flops()
+        return heads.received()
+
+    def received_attention(self, layer_call: tuple[tuple, dict], call: tuple[tuple, dict]) -> list[Tensor]:
+        """Per OneVision video (frames x side^2,): :meth:`tower_attention` of its frames, the class
+        token dropped with strategy "default", pooled like the features by the model's own
+        ``apply_pooling`` (bilinear 2 x 2)."""
+        (layer_args, layer_kwargs), (args, kwargs) = layer_call, call
+        hidden = layer_args[0] if layer_args else layer_kwargs["hidden_states"]
+        videos, frames = kwargs.get("pixel_values_videos", args[0] if args else None).shape[:2]
+        received = self.tower_attention(hidden)  # (videos * frames, N)
+        if self.config.vision_feature_select_strategy == "default":
+            received = received[:, 1:]
+        return list(self.model.model.apply_pooling(received[..., None])[..., 0].reshape(videos, -1))
 
     @property
     def vision_stage(self):
@@ -125,10 +182,6 @@ class LlavaAdapter(VisionLanguageAdapter):
         return getattr(module, type(self.model).__name__.replace("ForConditionalGeneration", "CausalLMOutputWithPast"))
 
     # the family's hooks ----------------------------------------------------------------------------
-    def _check_call(self, call: dict) -> None:
-        if call.get("pixel_values_videos") is not None:
-            raise ValueError("tokred does not reduce video inputs of LLaVA-OneVision yet; call tokred.remove(model)")
-
     def _encode_images(self, call: dict):
         """``get_image_features`` of the model on the call's images (its ``pooler_output``: per image features)."""
         base = self.model.model
@@ -139,20 +192,51 @@ class LlavaAdapter(VisionLanguageAdapter):
                 image_kwargs[name] = getattr(self.config, name)
         return base.get_image_features(pixel_values=call["pixel_values"], return_dict=True, **image_kwargs)
 
-    def _visual_items(self, call: dict, encoded):
-        features = list(encoded.pooler_output)
-        counts = [f.shape[0] for f in features]
-        if self.reducers.get("vision") is not None and self.vision_trace is not None:
-            features, counts = self._surviving_tower_tokens(features)
-        grid = self.image_grid()
-        layout = Layout(1, *grid) if grid is not None else None
-        return features, counts, [layout if layout is not None and f.shape[0] == layout.num_tokens else None
-                                  for f in features]
+    def _encode_videos(self, call: dict):
+        """``get_video_features`` of the model on the call's videos (LLaVA-OneVision)."""
+        if self.kind != "llava_onevision":
+            raise ValueError(f"{type(self.model).__name__} takes no video inputs")
+        options = {name: call[name] if call.get(name) is not None else getattr(self.config, name)
+                   for name in ("vision_feature_layer", "vision_feature_select_strategy")}
+        return self.model.model.get_video_features(pixel_values_videos=call["pixel_values_videos"], return_dict=True,
+                                                   **options)
 
-    def _surviving_tower_tokens(self, features: list[Tensor]) -> tuple[list[Tensor], list[int]]:
+    def _visual_items(self, call: dict, encoded: dict) -> list[VisualItem]:
+        items = []
+        if "image" in encoded:
+            features = list(encoded["image"].pooler_output)
+            counts, sources = [f.shape[0] for f in features], [None] * len(features)
+            if self.reducers.get("vision") is not None and self.vision_trace is not None:
+                features, counts, sources = self._surviving_tower_tokens(features)
+            grid = self.image_grid()
+            layout = Layout(1, *grid) if grid is not None else None
+            items += [VisualItem("image", f, n, layout if layout is not None and f.shape[0] == layout.num_tokens
+                                 else None, sources=s) for f, n, s in zip(features, counts, sources)]
+        if "video" in encoded:
+            items += self._video_items(encoded["video"])
+        return items
+
+    def _video_items(self, encoded) -> list[VisualItem]:
+        """One item per OneVision video: its F frames' pooled tokens with layout (F, side, side), and
+        the ``image_newline`` after them protected; the tower attention when it was computed."""
+        vision = self.config.vision_config
+        side = math.ceil(vision.image_size // vision.patch_size / 2)  # the model's 2 x 2 bilinear pooling
+        pooled = encoded.pooler_output  # (videos, F * side^2 + 1, D)
+        frames, rest = divmod(pooled.shape[1] - 1, side * side)
+        if rest:
+            raise ValueError(f"a LLaVA-OneVision video should give frames x {side * side} pooled tokens and one "
+                             f"newline, got {pooled.shape[1]} tokens per video")
+        received = getattr(encoded, "tokred_received", None)
+        return [VisualItem("video", video[:-1], video.shape[0], Layout(frames, side, side), protected=video[-1:],
+                           received=None if received is None else received[v])
+                for v, video in enumerate(pooled)]
+
+    def _surviving_tower_tokens(self, features: list[Tensor]) -> tuple[list[Tensor], list[int], list]:
         """With a vision-stage reducer: each image's features cut to the tokens that survived in the
-        tower (a batch is padded to its widest image; padding rows are no visual tokens), and the
-        placeholders each image has (its unreduced token count)."""
+        tower (a batch is padded to its widest image; padding rows are no visual tokens), the
+        placeholders each image has (its unreduced token count), and per image the row of its cut
+        features covering each unreduced token (``VisualItem.sources``; None if the tower reduced nothing
+        before the feature layer)."""
         trace, tower_layers = self.vision_trace, len(self.tower.layers)
         class_token = int(self.config.vision_feature_select_strategy == "default")
         full = trace.layers[0].tokens_in - class_token
@@ -163,16 +247,24 @@ class LlavaAdapter(VisionLanguageAdapter):
                              "against the reduced features): use num_beams=1, or reduce at the projector stage")
         feature_layer = self.config.vision_feature_layer % (tower_layers + 1)  # hidden_states index
         if feature_layer == 0:
-            return features, [full] * len(features)
+            return features, [full] * len(features), [None] * len(features)
         source_map = trace.source_maps[feature_layer - 1]  # (B, patches + class) -> token, -1 pruned
         alive = torch.zeros(source_map.shape[0], features[0].shape[0] + class_token, dtype=torch.bool,
                             device=source_map.device)
         alive.scatter_(1, source_map.clamp(min=0), source_map >= 0)
         alive = alive[:, class_token:]
-        return [f[a] for f, a in zip(features, alive)], [full] * len(features)
+        row = alive.long().cumsum(dim=1) - 1  # of every tower token in its image's cut features
+        token = source_map[:, class_token:] - class_token  # no patch merges into the protected class token
+        sources = torch.where(token >= 0, row.gather(1, token.clamp(min=0)), -1)
+        return [f[a] for f, a in zip(features, alive)], [full] * len(features), list(sources)
 
     # FLOPs ------------------------------------------------------------------------------------------
     def add_vision_flops(self, report: FlopsReport) -> None:
-        if self.vision_trace is not None:
-            self.tower.add_flops(self.vision_trace, report)
-            report.add("projector", "projector", linear_flops(self.projector, self.projected_rows))
+        """Every tower run of the last prompt (its images, its videos) with its projector rows, and the
+        recomputed tower attention."""
+        for trace, rows in self.encodings:
+            self.tower.add_flops(trace, report)
+            report.add("projector", "projector", linear_flops(self.projector, rows))
+        if self.tower_attention_flops:
+            report.add("projector", "tower_attention", self.tower_attention_flops)
+

@@ -3,9 +3,20 @@ visual item, the hand-off to the core language-model engine (:mod:`tokred.decode
 trace and the language model's FLOPs.
 
 A family adapter (LLaVA, Qwen2-VL) subclasses :class:`VisionLanguageAdapter` and says only what
-is its own: how to encode the images of a call (:meth:`_visual_items`: per image its features, its
-number of placeholder tokens and its layout), the prompt's positions (:meth:`_prompt_positions`,
-with the family's position scheme) and the FLOPs of its vision encoder and projector.
+is its own: how to encode the images and videos of a call (:meth:`_encode_images`,
+:meth:`_encode_videos`) and lay them out as :class:`VisualItem` s (:meth:`_visual_items`), the
+prompt's positions (:meth:`_prompt_positions`, with the family's position scheme) and the FLOPs of
+its vision encoder and projector.
+
+The projector stage sees one :class:`VisualItem` per image and per video: its reducible tokens
+(all frames of a video, frame by frame in raster order) with their
+:class:`~tokred.signals.Layout` ``(frames, height, width)``, and its protected tokens (the
+``image_newline`` after a LLaVA-OneVision video), which no reducer sees: they are kept as they
+are, and ``llm``-stage reducers do not count them as visual tokens either. Items with the same
+token count and layout are planned together (``Reducer.plan_images``); a reducer that
+``needs_tower_attention`` also gets each token's attention received in the vision tower, where
+the family adapter provides it (videos: :class:`FeaturesWithAttention` and the family's
+``received_attention``).
 
 Whatever a stage removes, the placeholder tokens, attention mask, positions, labels and the KV
 cache follow, sample by sample: samples are left-padded again after pruning, so each sample is
@@ -21,12 +32,45 @@ import torch
 from torch import Tensor, nn
 
 from tokred.adapters.base import Adapter
-from tokred.decoder import CompatibilityError, LanguageModelEngine, Rotary1D, Sequence, cache_keyword
+from tokred.decoder import CompatibilityError, LanguageModelEngine, Rotary1D, Sequence, Unmerged, cache_keyword
 from tokred.flops import FlopsReport, LayerCosts, attention_flops, linear_flops
 from tokred.plan import sequence_plan
 from tokred.reducers.base import Reducer, keeps_everything
 from tokred.signals import Layout
 from tokred.trace import LayerRecord, Trace
+
+#: the placeholder token of each modality, by config attribute
+MODALITIES = {"image": "image_token_id", "video": "video_token_id"}
+
+
+@dataclasses.dataclass
+class VisualItem:
+    """One image or video of a prompt, as the projector stage sees it.
+
+    Attributes:
+        modality: ``"image"`` or ``"video"``: the placeholder token its tokens fill (the family's
+            ``image_token_id`` / ``video_token_id``); items fill their modality's placeholders in order.
+        features: (n, C) the tokens a projector reducer may remove or merge, in placeholder order.
+        count: its placeholder tokens in the prompt: n plus the protected tokens, or more when a
+            vision-stage reducer already removed tokens (the remaining ones fill the first slots).
+        layout: how ``features`` lie, (frames, height, width), or None if they form no grid.
+        protected: (p, C) tokens that fill the last p placeholders and are never removed or merged
+            (LLaVA-OneVision's ``image_newline`` after a video), or None.
+        received: (n,) mean attention each token received in the vision tower's last used layer,
+            laid out like ``features``, when the adapter computed it (reducers that
+            ``needs_tower_attention``), else None.
+        sources: (count - p,) when a vision-stage reducer merged or pruned tokens: for each
+            placeholder (each unreduced token) the row of ``features`` covering it, -1 if pruned
+            (what VTU unmerges); None: ``features`` fill the first placeholders, one each.
+    """
+
+    modality: str
+    features: Tensor
+    count: int
+    layout: Layout | None = None
+    protected: Tensor | None = None
+    received: Tensor | None = None
+    sources: Tensor | None = None
 
 
 class PatchedForward:
@@ -42,6 +86,29 @@ class PatchedForward:
         return self.adapter.forward(*args, **kwargs)
 
 
+class FeaturesWithAttention:
+    """The model's ``get_video_features`` (or ``get_image_features``) that also records, on its
+    output, ``tokred_received``: per item, the attention each of its tokens received in the vision
+    tower's ``adapter.attention_layer`` (:meth:`VisionLanguageAdapter.received_attention`, on that
+    layer's inputs captured while the method runs). Installed on the model only while a reducer
+    needs it; ``generate`` encodes through it before the prefill, a forward through the adapter."""
+
+    def __init__(self, adapter: VisionLanguageAdapter, original):
+        self.adapter, self.original = adapter, original
+        functools.update_wrapper(self, original)  # generate() reads the signature
+
+    def __call__(self, *args, **kwargs):
+        captured = []
+        hook = self.adapter.attention_layer.register_forward_pre_hook(
+            lambda module, layer_args, layer_kwargs: captured.append((layer_args, layer_kwargs)), with_kwargs=True)
+        try:
+            out = self.original(*args, **kwargs)
+        finally:
+            hook.remove()
+        out.tokred_received = self.adapter.received_attention(captured[-1], (args, kwargs))
+        return out
+
+
 class VisionLanguageAdapter(Adapter):
     """The shared half of every VLM adapter (see the module docstring). Subclasses set ``scheme``
     (the language model's position scheme) and ``output_class``, and implement the hooks."""
@@ -54,6 +121,10 @@ class VisionLanguageAdapter(Adapter):
         for reducer in reducers.values():
             self.scheme.convention(getattr(reducer, "positions", None), name)  # refuses what the scheme cannot do
         self.engine = LanguageModelEngine(language_model, reducers.get("llm"), self.scheme, name)
+        if self.engine.unmerges and not {"vision", "projector"} & set(reducers):
+            raise ValueError(f"{type(reducers['llm']).__name__} unmerges, inside the language model, the tokens that a "
+                             "reducer at the 'vision' or 'projector' stage merged: apply it with one, e.g. "
+                             "tokred.apply(model, tokred.DToMe(thresholds=...), tokred.VTU())")
         self.language_model, self.layers = self.engine.language_model, self.engine.layers
         self.original_forward = type(model).forward.__get__(model)  # the class's, even while patched
         self.cache_keyword = cache_keyword(type(model).forward, f"{name}.forward")
@@ -67,27 +138,47 @@ class VisionLanguageAdapter(Adapter):
         """The model's own image encoding of the call (``get_image_features``' output)."""
         raise NotImplementedError
 
-    def _visual_items(self, call: dict, encoded) -> tuple[list[Tensor], list[int], list[Layout | None]]:
-        """Per visual item: its features (n, C) for the projector stage, its placeholder count, and
-        its :class:`~tokred.signals.Layout` (None if its tokens form no grid)."""
+    def _encode_videos(self, call: dict):
+        """The model's own video encoding of the call (``get_video_features``' output)."""
+        raise ValueError(f"{type(self.model).__name__} takes no video inputs")
+
+    def _visual_items(self, call: dict, encoded: dict) -> list[VisualItem]:
+        """The call's images, then its videos, as :class:`VisualItem` s, from ``encoded`` (modality ->
+        the model's encoder output, as ``mm_encoder_outputs`` holds it)."""
         raise NotImplementedError
 
     def _prompt_positions(self, call: dict, valid: Tensor) -> Tensor:
         """Positions of the prompt's tokens in the scheme's layout."""
         return self.scheme.prompt(valid, call.get("position_ids"))
 
-    def _check_call(self, call: dict) -> None:
-        """Refuse inputs the family adapter does not handle (e.g. video)."""
-
     def _after_prefill(self, next_position: Tensor, kept_length: Tensor) -> None:
         """Family state to update after a reduced prefill (e.g. Qwen2-VL's rope deltas)."""
 
+    #: the vision-tower layer whose attention a reducer that ``needs_tower_attention`` gets (set by
+    #: the family adapter when it has one and such a reducer is applied), else None
+    attention_layer: nn.Module | None = None
+    #: the modalities whose encoder (``get_<modality>_features``) also gives the tower attention
+    attention_modalities: tuple[str, ...] = ("video",)
+
+    def received_attention(self, layer_call: tuple[tuple, dict], call: tuple[tuple, dict]) -> list[Tensor]:
+        """Per item of an encoder call ``call`` (its args and kwargs), (n,) the attention each of its
+        tokens received in ``attention_layer``, from that layer's inputs ``layer_call``, laid out like
+        the item's features; adds the FLOPs it ran to ``tower_attention_flops``."""
+        raise NotImplementedError
+
     # patching -------------------------------------------------------------------------------------
     def patch(self) -> None:
+        if self.attention_layer is not None:
+            base = self.model.model
+            for modality in self.attention_modalities:
+                name = f"get_{modality}_features"
+                setattr(base, name, FeaturesWithAttention(self, getattr(base, name)))
         self.model.forward = PatchedForward(self)
         self.model._tokred_adapter = self
 
     def unpatch(self) -> None:
+        for modality in self.attention_modalities:
+            self.model.model.__dict__.pop(f"get_{modality}_features", None)
         del self.model.forward
         del self.model._tokred_adapter
 
@@ -113,24 +204,29 @@ class VisionLanguageAdapter(Adapter):
         cache = kwargs.pop("cache", None)  # transformers >= 5.24; the old name wins only when alone
         old_name = kwargs.pop("past_key_values", None)
         cache = cache if cache is not None else old_name
-        encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")  # generate() encodes images first
+        # generate() encodes images and videos before the prefill
+        encoded = {k: v for k, v in (kwargs.get("mm_encoder_outputs") or {}).items() if v is not None}
+        visual = pixel_values is not None or kwargs.get("pixel_values_videos") is not None or bool(encoded)
         state = getattr(cache, "_tokred", None)
         if state is not None:
-            if pixel_values is not None or encoded is not None:
-                raise ValueError("this cache holds a reduced prefill; tokred cannot add new images to it. Start a "
-                                 "new prefill with an empty cache (or none) for a prompt with new images")
+            if visual:
+                raise ValueError("this cache holds a reduced prefill; tokred cannot add new images or videos to it. "
+                                 "Start a new prefill with an empty cache (or none) for a prompt with new ones")
             return self._decode(state, input_ids, inputs_embeds, attention_mask, cache, logits_to_keep)
         call = dict(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
                     inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache, logits_to_keep=logits_to_keep,
                     **kwargs, **{self.cache_keyword: cache})
-        self._check_call(call)
-        if pixel_values is None and encoded is None:  # text only, or a decode step of an unreduced prefill
+        if not visual:  # text only, or a decode step of an unreduced prefill
             self._check_plain_cache(cache, input_ids if input_ids is not None else inputs_embeds, attention_mask)
             return self.original_forward(**call)
         if input_ids is None:
-            raise ValueError("tokred needs input_ids (to find the image placeholders) when pixel_values are given")
-        return self._prefill(call, cache, encoded if encoded is not None else self._encode_images(call),
-                             prompt_length)
+            raise ValueError("tokred needs input_ids (to find the image and video placeholders) when pixel values "
+                             "are given")
+        if pixel_values is not None and "image" not in encoded:
+            encoded["image"] = self._encode_images(call)
+        if call.get("pixel_values_videos") is not None and "video" not in encoded:
+            encoded["video"] = self._encode_videos(call)
+        return self._prefill(call, cache, encoded, prompt_length)
 
     def _check_plain_cache(self, cache, new_tokens: Tensor | None, attention_mask: Tensor | None) -> None:
         """A call that continues a cache without tokred's bookkeeping must continue an unreduced
@@ -149,47 +245,70 @@ class VisionLanguageAdapter(Adapter):
                 "one(s): the cache comes from a reduced prefill but does not carry tokred's bookkeeping "
                 "(it was copied or rebuilt, or the cache reached the forward under a name tokred does not know)")
 
-    def _placeholders(self, input_ids: Tensor, counts: list[int]) -> list[tuple[int, Tensor]]:
-        """Per image, (sample, positions of its placeholder tokens); images fill the placeholders in order."""
-        is_image = input_ids == self.config.image_token_id
-        if int(is_image.sum()) != sum(counts):
-            raise ValueError(f"the prompt has {int(is_image.sum())} image placeholder tokens but the images need "
-                             f"{sum(counts)} ({len(counts)} images of {counts} tokens); build the prompt with the "
-                             "model's processor for these images")
-        samples, positions = is_image.nonzero(as_tuple=True)
-        runs, start = [], 0
-        for count in counts:
-            sample = samples[start:start + count]
-            if bool((sample != sample[0]).any()):
-                raise ValueError("an image's placeholder tokens are split across two samples of the batch; each "
-                                 "sample's prompt must hold the placeholders of its own images")
-            runs.append((int(sample[0]), positions[start:start + count]))
-            start += count
+    def _placeholders(self, input_ids: Tensor, items: list[VisualItem]) -> list[tuple[int, Tensor]]:
+        """Per item, (sample, positions of its placeholder tokens); the items of each modality fill
+        that modality's placeholders in order."""
+        runs: list[tuple[int, Tensor] | None] = [None] * len(items)
+        for modality, token in MODALITIES.items():
+            mine = [i for i, item in enumerate(items) if item.modality == modality]
+            if not mine:
+                continue
+            counts = [items[i].count for i in mine]
+            is_placeholder = input_ids == getattr(self.config, token)
+            if int(is_placeholder.sum()) != sum(counts):
+                raise ValueError(f"the prompt has {int(is_placeholder.sum())} {modality} placeholder tokens but the "
+                                 f"{modality}s need {sum(counts)} ({len(counts)} {modality}s of {counts} tokens); "
+                                 f"build the prompt with the model's processor for these {modality}s")
+            samples, positions = is_placeholder.nonzero(as_tuple=True)
+            start = 0
+            for i, count in zip(mine, counts):
+                sample = samples[start:start + count]
+                if bool((sample != sample[0]).any()):
+                    raise ValueError(f"a {modality}'s placeholder tokens are split across two samples of the batch; "
+                                     f"each sample's prompt must hold the placeholders of its own {modality}s")
+                runs[i] = (int(sample[0]), positions[start:start + count])
+                start += count
         return runs
 
-    def _projector(self, features: list[Tensor], layouts: list[Layout | None],
-                   record: LayerRecord) -> list[tuple[Tensor, Tensor]]:
-        """Per item, (kept slots among its placeholders, their features), after the projector
-        reducer. Items with the same number of tokens and the same layout are planned together."""
+    def _projector(self, items: list[VisualItem], record: LayerRecord) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """Per item, (kept slots among its placeholders, their features, the slot each input feature
+        ended in or -1), after the projector reducer; protected tokens are not among them. Items with
+        the same number of tokens and the same layout are planned together. Each kept token fills the
+        slot of its own input token (sequence order), or, when the plan is ``ordered`` and positions
+        are renumbered, the first slots in the plan's order."""
         reducer = self.reducers.get("projector")
-        out: list[tuple[Tensor, Tensor] | None] = [None] * len(features)
+        renumbered = self.scheme.convention(getattr(reducer, "positions", None)) == "renumber"
+        out: list[tuple[Tensor, Tensor, Tensor] | None] = [None] * len(items)
         groups: dict[tuple, list[int]] = {}
-        for i, f in enumerate(features):
-            groups.setdefault((f.shape[0], layouts[i]), []).append(i)
-        for (length, layout), images in groups.items():
-            stacked = torch.stack([features[i] for i in images])
-            slots = torch.arange(length, device=stacked.device).expand(len(images), -1)
+        for i, item in enumerate(items):
+            groups.setdefault((item.features.shape[0], item.layout), []).append(i)
+        for (length, layout), members in groups.items():
+            stacked = torch.stack([items[i].features for i in members])
+            slots = destinations = torch.arange(length, device=stacked.device).expand(len(members), -1)
+            in_plan_order = False
             if reducer is not None:
                 record.reducer_flops += reducer.overhead_flops(stacked)
-                plan = reducer.plan_images(stacked, layout)
+                extra = {}
+                if reducer.needs_tower_attention:
+                    if any(items[i].received is None for i in members):
+                        raise ValueError(f"{type(reducer).__name__} ranks tokens by the attention they received in "
+                                         f"the vision tower, which tokred provides for LLaVA-OneVision videos and "
+                                         f"Qwen2-VL images and videos; {type(self.model).__name__} gave none for this "
+                                         f"{items[members[0]].modality}")
+                    extra["received"] = torch.stack([items[i].received for i in members])
+                plan = reducer.plan_images(stacked, layout, **extra)
                 if plan.merges:
                     stacked = plan.weighted_mean(stacked, stacked.new_ones(*stacked.shape[:2], 1))[0]
                 else:
                     stacked = plan.select(stacked)
-                slots = plan.keep
-            for j, i in enumerate(images):
-                order = slots[j].argsort()  # features go to their slots in sequence order
-                out[i] = (slots[j][order], stacked[j][order])
+                slots, destinations = plan.keep, plan.destinations()
+                in_plan_order = plan.ordered and renumbered
+            for j, i in enumerate(members):
+                real = slots[j] < length  # a padded plan (per-image counts, e.g. a Budget) pads with slot N
+                place = real.cumsum(0) - 1 if in_plan_order else slots[j]  # the slot each output fills
+                order = place[real].argsort()  # features go to their slots in sequence order
+                ended = torch.where(destinations[j] >= 0, place[destinations[j].clamp(min=0)], -1)
+                out[i] = (place[real][order], stacked[j][real][order], ended)
         return out
 
     def _prefill(self, call: dict, cache, encoded, prompt_length: int | None):
@@ -197,12 +316,14 @@ class VisionLanguageAdapter(Adapter):
         language model (the model's own forward when nothing is removed)."""
         input_ids, attention_mask = call["input_ids"], call["attention_mask"]
         batch, length = input_ids.shape
-        features, counts, layouts = self._visual_items(call, encoded)
-        runs = self._placeholders(input_ids, counts)
-        record = LayerRecord("projector", 0, tokens_in=sum(counts), tokens_attention=sum(counts),
-                             tokens_out=sum(counts))
-        kept = self._projector(features, layouts, record)
-        record.tokens_out = sum(int(k[0].numel()) for k in kept)
+        items = self._visual_items(call, encoded)
+        runs = self._placeholders(input_ids, items)
+        total = sum(item.count for item in items)
+        record = LayerRecord("projector", 0, tokens_in=total, tokens_attention=total, tokens_out=total)
+        kept = self._projector(items, record)
+        protected = [0 if item.protected is None else item.protected.shape[0] for item in items]
+        record.tokens_out = sum(int(k[0].numel()) for k in kept) + sum(protected)
+        record.tokens_per_image = [int(k[0].numel()) + p for k, p in zip(kept, protected)]
         removed = record.tokens_out < record.tokens_in
         llm = self.reducers.get("llm")
         if not removed and (llm is None or keeps_everything(llm.keep)):
@@ -217,29 +338,52 @@ class VisionLanguageAdapter(Adapter):
         embeds = self.language_model.embed_tokens(input_ids)
         keep = torch.ones(batch, length, dtype=torch.bool, device=input_ids.device)
         visual = torch.zeros_like(keep)
-        for (sample, positions), (slots, values) in zip(runs, kept):
+        for (sample, positions), (slots, values, _), item, last in zip(runs, kept, items, protected):
             keep[sample, positions] = False
             visual[sample, positions[slots]] = True
             keep[sample, positions[slots]] = True
             embeds[sample, positions[slots]] = values.to(embeds.dtype)
+            if last:  # protected: kept as they are, and no visual tokens for the llm stage
+                keep[sample, positions[-last:]] = True
+                embeds[sample, positions[-last:]] = item.protected.to(embeds.dtype)
         valid = attention_mask.bool() if attention_mask is not None else torch.ones_like(keep)
         positions = self._prompt_positions(call, valid)
         index = torch.arange(length, device=keep.device).expand(batch, -1)
         prompt = valid & (index < (length if prompt_length is None else prompt_length))
         seq = Sequence(embeds, positions, valid, visual, prompt, index + 1)
         next_position = self.scheme.next_position(positions, valid)
+        if self.engine.unmerges:
+            seq.unmerged = self._unmerged(runs, items, [k[2] for k in kept], valid, positions, next_position)
         if removed:
             projector = self.reducers.get("projector")
             convention = self.scheme.convention(getattr(projector, "positions", None))
             seq, next_position = seq.apply(sequence_plan(keep & valid), convention, next_position, self.scheme)
         return self._run_language_model(seq, next_position, call, cache, record)
 
-    def _unreduced(self, call: dict, encoded, record: LayerRecord):
-        """Nothing removed: the model's own forward on the image features already computed."""
-        out = self.original_forward(**{**call, "pixel_values": None, "mm_encoder_outputs": {"image": encoded}})
+    @staticmethod
+    def _unmerged(runs: list[tuple[int, Tensor]], items: list[VisualItem], ended: list[Tensor], valid: Tensor,
+                  positions: Tensor, next_position: Tensor) -> Unmerged:
+        """VTU's virtual sequence: the unreduced prompt, each token a copy of the prompt token that
+        stands for it after the vision and projector stages (text and protected tokens themselves; a
+        placeholder the token its patch merged into, through ``item.sources`` and the slot its
+        feature ``ended`` in; -1 for padding and pruned tokens)."""
+        batch, length = valid.shape
+        rows = torch.where(valid, torch.arange(length, device=valid.device), -1)
+        for (sample, places), item, slot in zip(runs, items, ended):
+            visible = item.count - (0 if item.protected is None else item.protected.shape[0])
+            index = torch.arange(visible, device=valid.device)
+            feature = item.sources if item.sources is not None else torch.where(index < slot.shape[0], index, -1)
+            covered = torch.where(feature >= 0, slot[feature.clamp(min=0)], -1)
+            rows[sample, places[:visible]] = torch.where(covered >= 0, places[covered.clamp(min=0)], -1)
+        return Unmerged(rows, positions, next_position)
+
+    def _unreduced(self, call: dict, encoded: dict, record: LayerRecord):
+        """Nothing removed: the model's own forward on the image and video features already computed."""
+        pixels = {k: None for k in ("pixel_values", "pixel_values_videos") if k in call}
+        out = self.original_forward(**{**call, **pixels, "mm_encoder_outputs": encoded})
         batch, length = call["input_ids"].shape
         self.logit_rows = out.logits.shape[0] * out.logits.shape[1]
-        self._finish_trace(batch, [(0, length)], record, None)
+        self._finish_trace(batch, [(0, length)], record, {})
         return out
 
     # the language model ---------------------------------------------------------------------------
@@ -249,9 +393,7 @@ class VisionLanguageAdapter(Adapter):
         cache = cache if cache is not None else self.engine.new_cache()
         run = self.engine.prefill(seq, next_position, cache, keep_cache=use_cache)
         self._after_prefill(run.segments[-1].next_position, run.sequence.valid.sum(dim=1))
-        llm = self.reducers.get("llm")
-        self._finish_trace(seq.hidden.shape[0], run.lengths, projector_record,
-                           (llm.layer, run.reducer_flops) if llm is not None else None, run.tokens_per_sample)
+        self._finish_trace(seq.hidden.shape[0], run.lengths, projector_record, run.plans, run.attention_length)
         if run.sequence.size is not None:  # an llm-stage plan merged tokens: what each final token stands for
             self.trace.sizes = run.sequence.size[..., 0]
         labels = call["labels"]
@@ -283,7 +425,10 @@ class VisionLanguageAdapter(Adapter):
 
     # trace and FLOPs --------------------------------------------------------------------------------
     def _finish_trace(self, batch: int, lengths: list[tuple[int, int]], projector_record: LayerRecord,
-                      llm: tuple[int, int] | None, tokens_per_sample: list[int] | None = None) -> None:
+                      plans: dict[int, tuple[int, list[int]]], attention_length: int | None = None) -> None:
+        """The trace of the last prefill; ``plans``: per decoder layer an ``llm``-stage plan acted
+        before, the reducer's FLOPs and the tokens per sample after it; ``attention_length``: the
+        virtual sequence every layer's attention ran on, when VTU ran."""
         trace = Trace(batch_size=batch, num_prefix=0, grid=None)
         if self.vision_trace is not None:
             trace.layers += self.vision_trace.layers
@@ -293,10 +438,10 @@ class VisionLanguageAdapter(Adapter):
         for i in range(len(self.layers)):
             length = lengths[sum(start <= i for start in starts) - 1][1]
             previous = lengths[sum(start < i for start in starts) - 1][1] if i else length
-            record = LayerRecord("llm", i, tokens_in=previous, tokens_attention=length, tokens_out=length)
-            if llm is not None and i == llm[0]:
-                record.reducer_flops = llm[1]
-                record.tokens_per_image = tokens_per_sample
+            record = LayerRecord("llm", i, tokens_in=previous, tokens_attention=attention_length or length,
+                                 tokens_out=length)
+            if i in plans:
+                record.reducer_flops, record.tokens_per_image = plans[i]
             trace.layers.append(record)
         self.trace = trace
 
@@ -325,10 +470,12 @@ class VisionLanguageAdapter(Adapter):
             if record.stage != "llm":
                 continue
             costs = self.llm_costs(record.layer)
-            report.add("llm_prefill", f"layer{record.layer}", batch * costs.flops(record.tokens_out, record.tokens_out))
+            report.add("llm_prefill", f"layer{record.layer}",
+                       batch * costs.flops(record.tokens_out, record.tokens_out, record.tokens_attention))
             if record.reducer_flops:
                 report.add("llm_prefill", f"layer{record.layer}.reducer", record.reducer_flops)
-            decode = costs.per_attention_token + costs.per_token_pair * (record.tokens_out + 1) + costs.per_mlp_token
+            decode = (costs.per_attention_token + costs.per_token_pair * (record.tokens_attention + 1)
+                      + costs.per_mlp_token)
             report.decode_per_token += batch * decode
         report.add("llm_prefill", "lm_head", linear_flops(self.model.lm_head, self.logit_rows))
         return report

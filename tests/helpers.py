@@ -76,6 +76,99 @@ def brute_force_pitome(metric, x, size, r, protected, margin, alpha=1.0, protect
     return out_x, out_size, [sorted(g) for g in groups]
 
 
+def brute_force_segment_score(static, segments):
+    """HoliTom's objective for a partition, counted position by position: per segment (s, e) with
+    e > s, (e - s) times the positions whose every adjacent pair in s..e-1 is static."""
+    positions = len(static[0]) if len(static) else 0
+    return sum((e - s) * sum(all(static[f][n] for f in range(s, e)) for n in range(positions))
+               for s, e in segments)
+
+
+def all_partitions(frames, max_window):
+    """Every partition of frames 0..frames-1 into contiguous segments of at most ``max_window`` frames."""
+    if frames == 0:
+        return [[]]
+    out = []
+    for length in range(1, min(frames, max_window) + 1):
+        out += [p + [(frames - length, frames - 1)] for p in all_partitions(frames - length, max_window)]
+    return out
+
+
+def brute_force_dpc_knn(tokens, clusters, neighbours):
+    """DPC-KNN written out token by token on ``torch.cdist``'s distances: centres (ascending) and each
+    token's cluster; equal densities: the lower index is denser; score and distance ties: lower index."""
+    n, channels = tokens.shape
+    d = (torch.cdist(tokens.float(), tokens.float()) / math.sqrt(channels))
+    k = min(neighbours, clusters)
+    rho = [torch.exp(-(torch.sort(d[i]).values[:k] ** 2).mean()).item() for i in range(n)]
+    dmax = d.max().item()
+
+    def denser(j, i):
+        return rho[j] > rho[i] or (rho[j] == rho[i] and j < i)
+
+    delta = [min([d[i, j].item() for j in range(n) if denser(j, i)], default=dmax) for i in range(n)]
+    gamma = [rho[i] * delta[i] for i in range(n)]
+    centres = sorted(sorted(range(n), key=lambda i: (-gamma[i], i))[:clusters])
+    cluster = []
+    for i in range(n):
+        if i in centres:
+            cluster.append(centres.index(i))
+        else:
+            dist = [d[i, c].item() for c in centres]
+            cluster.append(dist.index(min(dist)))
+    return centres, cluster
+
+
+def brute_force_cluster_merge(tokens, centres, cluster, beta):
+    """Each centre t: beta * y_t + (1 - beta) * mean of its other members, or y_t alone."""
+    out = []
+    for t, c in enumerate(centres):
+        members = [i for i, k in enumerate(cluster) if k == t and i != c]
+        out.append(beta * tokens[c] + (1 - beta) * torch.stack([tokens[i] for i in members]).mean(0)
+                   if members else tokens[c])
+    return out
+
+
+def brute_force_holitom(x, attention, segments, retain, tau, beta=0.6, neighbours=7):
+    """HoliTom's outer stage on one video x (F, N, C), token by token, on the given segments: the
+    output features in output order."""
+    frames, n = x.shape[:2]
+    sim = [[torch.nn.functional.cosine_similarity(x[f, i].float(), x[f + 1, i].float(), dim=0).item() for i in range(n)]
+           for f in range(frames - 1)]
+    statics = [[i for i in range(n) if e > s and all(sim[f][i] > tau for f in range(s, e))] for s, e in segments]
+    saved = sum((e - s) * len(st) for (s, e), st in zip(segments, statics))
+    total = frames * n
+    share = min(1.0, retain / ((total - saved) / total))
+    out = []
+    for (s, e), still in zip(segments, statics):
+        clusters = round(len(still) * share)
+        if clusters:
+            means = torch.stack([x[s:e + 1, i].float().mean(0) for i in still])
+            centres, cluster = brute_force_dpc_knn(means, clusters, neighbours)
+            out += brute_force_cluster_merge(means, centres, cluster, beta)
+        moving = [i for i in range(n) if i not in still]
+        k = math.ceil(len(moving) * share)
+        for f in range(s, e + 1):
+            top = sorted(sorted(moving, key=lambda i: (-attention[f, i].item(), i))[:k])
+            out += [x[f, i].float() for i in top]
+    return out
+
+
+def brute_force_inner_merge(hidden, attention, visual, k):
+    """HoliTom's inner merge as the reference loops: kept positions (ascending) and their hidden
+    states after h_t <- (h_t + h_j) / 2 for the dropped j in ascending order."""
+    candidates = [i for i, v in enumerate(visual.tolist()) if v]
+    kept = sorted(candidates, key=lambda i: (-attention[i].item(), i))[:k]  # by attention, highest first
+    dropped = sorted(set(candidates) - set(kept))
+    h = hidden.clone().double()
+    for j in dropped:
+        sims = [torch.nn.functional.cosine_similarity(hidden[j].double(), hidden[t].double(), dim=0).item()
+                for t in kept]
+        t = kept[sims.index(max(sims))]
+        h[t] = (h[t] + hidden[j].double()) / 2
+    return sorted(kept), h
+
+
 IMAGE_TOKEN = 99
 
 
@@ -151,6 +244,49 @@ def llava_inputs(model, prompts: list[tuple[list[int], list[int]]], seed: int = 
     return dict(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, **extra)
 
 
+VIDEO_TOKEN = 98
+
+
+def tiny_onevision(attn: str = "sdpa"):
+    """A seeded LLaVA-OneVision for video (``specs/holitom.md`` §5): a 2-layer SigLIP tower on 56x56
+    frames with 8x8 patches (a 7 x 7 grid, bilinearly pooled to 4 x 4 = 16 tokens per frame: the odd
+    side exercises the ceiling) and a 4-layer Qwen2 language model (4 heads, 2 KV heads). A video of
+    F frames fills 16F + 1 placeholders (token ``VIDEO_TOKEN``): its tokens, then one ``image_newline``."""
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config, SiglipVisionConfig
+
+    torch.manual_seed(0)
+    tower = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                               image_size=56, patch_size=8)
+    text = Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0)
+    config = LlavaOnevisionConfig(vision_config=tower, text_config=text, image_token_id=IMAGE_TOKEN,
+                                  video_token_id=VIDEO_TOKEN, vision_feature_layer=-1,
+                                  vision_feature_select_strategy="full", image_grid_pinpoints=[[56, 56]])
+    for c in (config, config.text_config, config.vision_config):
+        c._attn_implementation = attn
+    model = LlavaOnevisionForConditionalGeneration(config).eval()
+    with torch.no_grad():  # non-trivial norm weights, so that a missing norm would show
+        for module in model.modules():
+            if "Norm" in type(module).__name__ and getattr(module, "weight", None) is not None:
+                torch.nn.init.uniform_(module.weight, 0.5, 1.5)
+    return model
+
+
+def onevision_video_inputs(prompts: list[tuple[list[int], list[int]]], frames: int, seed: int = 0,
+                           videos_per_sample: list[int] | None = None) -> dict:
+    """Left-padded inputs of :func:`tiny_onevision` for ``prompts`` = [(text before, text after)] with
+    ``videos_per_sample[b]`` (default 1) videos of ``frames`` frames between them, each 16F + 1
+    placeholders. ``pixel_values_videos`` is (videos, frames, 3, 56, 56), videos in prompt order."""
+    generator = torch.Generator().manual_seed(seed)
+    counts = videos_per_sample or [1] * len(prompts)
+    pixel_values_videos = torch.randn(sum(counts), frames, 3, 56, 56, generator=generator)
+    rows = [before + [VIDEO_TOKEN] * ((16 * frames + 1) * n) + after for (before, after), n in zip(prompts, counts)]
+    width = max(len(r) for r in rows)
+    input_ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+    attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return dict(input_ids=input_ids, attention_mask=attention_mask, pixel_values_videos=pixel_values_videos)
+
+
 QWEN_IMAGE, QWEN_START, QWEN_END = 90, 92, 93
 
 
@@ -198,6 +334,38 @@ def qwen_inputs(prompts: list[tuple[list[int], list[int]]], grids: list[list[int
     attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
     return dict(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, image_grid_thw=grid,
                 mm_token_type_ids=(input_ids == QWEN_IMAGE).int())
+
+
+QWEN_VIDEO = 91
+
+
+def qwen_media_inputs(prompts: list[tuple[list[int], list[int]]], media: list[list[tuple[str, list[int]]]],
+                      seed: int = 0) -> dict:
+    """Left-padded Qwen2-VL inputs with images and videos: sample b is its text before, then each
+    (``"image"`` or ``"video"``, grid [t, h, w] in 14 px patches) of ``media[b]`` as
+    ``<vision_start> placeholders <vision_end>``, then its text after. Pixels are packed in prompt
+    order per modality (``pixel_values`` / ``pixel_values_videos``, with their grids)."""
+    generator = torch.Generator().manual_seed(seed)
+    token = {"image": QWEN_IMAGE, "video": QWEN_VIDEO}
+    rows, grids = [], {"image": [], "video": []}
+    for (before, after), items in zip(prompts, media):
+        row = list(before)
+        for kind, (t, h, w) in items:
+            row += [QWEN_START] + [token[kind]] * (t * h * w // 4) + [QWEN_END]
+            grids[kind].append([t, h, w])
+        rows.append(row + after)
+    width = max(len(r) for r in rows)
+    input_ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+    attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    out = dict(input_ids=input_ids, attention_mask=attention_mask,
+               mm_token_type_ids=(input_ids == QWEN_IMAGE).int() + 2 * (input_ids == QWEN_VIDEO).int())
+    for kind, pixels, grid_name in (("image", "pixel_values", "image_grid_thw"),
+                                    ("video", "pixel_values_videos", "video_grid_thw")):
+        if grids[kind]:
+            grid = torch.tensor(grids[kind])
+            out[pixels] = torch.randn(int(grid.prod(dim=-1).sum()), 3 * 2 * 14 * 14, generator=generator)
+            out[grid_name] = grid
+    return out
 
 
 def next_step(inputs, out):

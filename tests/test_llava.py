@@ -1,14 +1,27 @@
-"""The LLaVA-family adapter on tiny LLaVA-1.5, LLaVA-NeXT and LLaVA-OneVision models built in code."""
+"""The LLaVA-family adapter on tiny LLaVA-1.5, LLaVA-NeXT and LLaVA-OneVision models built in code
+(``onevision_video``: OneVision with a video per sample, 3 frames of 16 tokens and the newline)."""
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import tokred
-from helpers import IMAGE_TOKEN, llava_inputs, tiny_llava
+from helpers import IMAGE_TOKEN, VIDEO_TOKEN, llava_inputs, onevision_video_inputs, tiny_llava, tiny_onevision
 
-KINDS = ["llava", "llava_next", "llava_onevision"]
+KINDS = ["llava", "llava_next", "llava_onevision", "onevision_video"]
 PROMPTS = [([1, 2, 3], [4, 5, 6, 7, 8]), ([9], [10, 11])]  # different lengths: the second is left-padded
+SUPPRESS = [IMAGE_TOKEN, VIDEO_TOKEN]  # generated placeholders would be taken for images or videos
+
+
+def make_inputs(kind, model, prompts, seed=0):
+    """Left-padded inputs of ``kind``'s model: one image per sample, or one 3-frame video."""
+    if kind == "onevision_video":
+        return onevision_video_inputs(prompts, frames=3, seed=seed)
+    return llava_inputs(model, prompts, seed=seed)
+
+
+def pixels_of(inputs) -> str:
+    return "pixel_values_videos" if "pixel_values_videos" in inputs else "pixel_values"
 
 
 def reducer_sets(kind):
@@ -26,6 +39,13 @@ def reducer_sets(kind):
         sets["pool"] = (tokred.Pool(stride=2, stage="projector"),)
         sets["tome"] = (tokred.ToMe(r=3),)
         sets["tome_divprune_dart"] = (tokred.ToMe(r=2), tokred.DivPrune(keep=0.5), tokred.DART(keep=0.5, layer=2))
+    if kind == "onevision_video":
+        sets["pool"] = (tokred.Pool(stride=2, stage="projector", temporal_stride=2),)
+        sets["random_per_frame"] = (tokred.Random(keep=0.25, stage="projector", per_frame=True),)
+        sets["uniform"] = (tokred.Uniform(keep=5),)
+        sets["visionzip"] = (tokred.VisionZip(dominant=4, contextual=2),)
+        sets["dycoke"] = (tokred.DyCoke(keep=0.3),)
+        sets["dycoke_fastv"] = (tokred.DyCoke(keep=0.5, window=2), tokred.FastV(keep=0.5, layer=2))
     return sets
 
 
@@ -34,7 +54,7 @@ CASES = [(kind, name) for kind in KINDS for name in reducer_sets(kind)]
 
 @pytest.fixture(scope="module")
 def models():
-    return {kind: tiny_llava(kind) for kind in KINDS}
+    return {kind: tiny_onevision() if kind == "onevision_video" else tiny_llava(kind) for kind in KINDS}
 
 
 def greedy_uncached(model, inputs, steps):
@@ -45,14 +65,14 @@ def greedy_uncached(model, inputs, steps):
     for _ in range(steps):
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False, prompt_length=prompt_length,
                        **extra).logits[:, -1]
-        logits[:, IMAGE_TOKEN] = -torch.inf
+        logits[:, SUPPRESS] = -torch.inf
         ids = torch.cat([ids, logits.argmax(dim=-1, keepdim=True)], dim=1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
     return ids[:, prompt_length:]
 
 
 def greedy_cached(model, inputs, steps):
-    out = model.generate(**inputs, max_new_tokens=steps, do_sample=False, suppress_tokens=[IMAGE_TOKEN],
+    out = model.generate(**inputs, max_new_tokens=steps, do_sample=False, suppress_tokens=SUPPRESS,
                          pad_token_id=0)
     return out[:, inputs["input_ids"].shape[1]:]
 
@@ -62,11 +82,13 @@ def greedy_cached(model, inputs, steps):
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("reducers", [(), (tokred.DivPrune(keep=1.0),), (tokred.Random(keep=1.0, stage="projector"),),
                                       (tokred.DART(keep=1.0),), (tokred.FastV(keep=1.0),),
-                                      (tokred.AdjacentMerge(keep=1.0),)], ids=str)
+                                      (tokred.AdjacentMerge(keep=1.0),), (tokred.Uniform(keep=1.0),),
+                                      (tokred.DyCoke(keep=1.0),),
+                                      (tokred.Random(keep=1.0, stage="projector", per_frame=True),)], ids=str)
 @torch.no_grad()
 def test_removing_nothing_is_the_unpatched_model(models, kind, reducers):
     model = models[kind]
-    inputs = llava_inputs(model, PROMPTS)
+    inputs = make_inputs(kind, model, PROMPTS)
     reference = model(**inputs).logits
     reference_tokens = greedy_cached(model, inputs, 4)
     with tokred.applied(model, *reducers):
@@ -81,7 +103,7 @@ def test_removing_nothing_is_the_unpatched_model(models, kind, reducers):
 @torch.no_grad()
 def test_cached_generation_equals_uncached(models, kind, name):
     model = models[kind]
-    inputs = llava_inputs(model, PROMPTS)
+    inputs = make_inputs(kind, model, PROMPTS)
     with tokred.applied(model, *reducer_sets(kind)[name]):
         cached = greedy_cached(model, inputs, 5)
         assert torch.equal(cached, greedy_uncached(model, inputs, 5))
@@ -90,17 +112,20 @@ def test_cached_generation_equals_uncached(models, kind, name):
 
 
 @pytest.mark.parametrize("kind,name", [c for c in CASES if c[1] in ("divprune", "dart", "fastv", "composed",
-                                                                     "tome_divprune_dart")])
+                                                                     "tome_divprune_dart")]
+                         + [("onevision_video", name) for name in ("visionzip", "dycoke_fastv",
+                                                                   "pool", "uniform")])
 @torch.no_grad()
 def test_batch_equals_one_by_one(models, kind, name):
     model = models[kind]
-    batch = llava_inputs(model, PROMPTS, seed=3)
-    singles = [llava_inputs(model, [prompt], seed=3) for prompt in PROMPTS]
+    batch = make_inputs(kind, model, PROMPTS, seed=3)
+    singles = [make_inputs(kind, model, [prompt], seed=3) for prompt in PROMPTS]
+    pixels = pixels_of(batch)
     with tokred.applied(model, *reducer_sets(kind)[name]):
         logits = model(**batch).logits[:, -1]
         tokens = greedy_cached(model, batch, 4)
         for i, single in enumerate(singles):
-            single["pixel_values"] = batch["pixel_values"][i:i + 1]
+            single[pixels] = batch[pixels][i:i + 1]
             torch.testing.assert_close(model(**single).logits[:, -1], logits[i:i + 1], atol=1e-5, rtol=1e-5)
             assert torch.equal(greedy_cached(model, single, 4), tokens[i:i + 1])
 
@@ -204,11 +229,11 @@ def counted(fn):
 
 
 @pytest.mark.parametrize("kind,name", [c for c in CASES if c[1] in ("divprune", "dart", "fastv", "composed",
-                                                                     "pool", "tome_divprune_dart")]
+                                                                     "pool", "tome_divprune_dart", "dycoke")]
                          + [(kind, "none") for kind in KINDS])
 def test_flops_match_the_flop_counter(models, kind, name):
     model = models[kind]
-    inputs = llava_inputs(model, PROMPTS)
+    inputs = make_inputs(kind, model, PROMPTS)
     with tokred.applied(model, *reducer_sets(kind).get(name, ())):
         prefill = counted(lambda: model(**inputs, use_cache=True))
         report = tokred.flops(model)

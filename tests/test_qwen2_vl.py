@@ -1,6 +1,6 @@
 """The Qwen2-VL / Qwen2.5-VL adapter on tiny models built in code: identity, cached == uncached
-generation, batch == one by one with images of different sizes, M-RoPE positions, FLOPs, guards
-and bad input."""
+generation, batch == one by one with images of different sizes (and, ``videos``, an image and
+videos of different lengths in one batch), M-RoPE positions, FLOPs, guards and bad input."""
 import copy
 
 import pytest
@@ -10,13 +10,18 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import tokred
-from helpers import QWEN_END, QWEN_IMAGE, QWEN_START, next_step, qwen_inputs, stripped, tiny_qwen2_vl
+from helpers import (QWEN_END, QWEN_IMAGE, QWEN_START, QWEN_VIDEO, next_step, qwen_inputs, qwen_media_inputs,
+                     stripped, tiny_qwen2_vl)
 from tokred.decoder import CompatibilityError
 
 KINDS = ["qwen2_vl", "qwen2_5_vl"]
 PROMPTS = [([5, 6, 7], [8, 9, 10, 11]), ([12], [13, 14])]
 GRIDS = [[1, 8, 6], [1, 4, 4]]  # 12 and 4 merged tokens: images of different sizes
-SUPPRESS = [2, QWEN_IMAGE, 91, QWEN_START, QWEN_END]  # 2: end of sequence
+SUPPRESS = [2, QWEN_IMAGE, QWEN_VIDEO, QWEN_START, QWEN_END]  # 2: end of sequence
+#: per sample, its images and videos ([t, h, w] in patches): images of different sizes, or an image
+#: and a video in one prompt beside a longer video (2 and 3 temporal patches)
+MEDIA = {"images": [[("image", grid)] for grid in GRIDS],
+         "videos": [[("image", [1, 4, 4]), ("video", [2, 4, 6])], [("video", [3, 4, 4])]]}
 
 REDUCERS = {
     "divprune": (tokred.DivPrune(keep=0.5),),
@@ -26,7 +31,31 @@ REDUCERS = {
     "fastv": (tokred.FastV(keep=3, layer=1),),
     "adjacent": (tokred.AdjacentMerge(keep=0.5, layer=2),),
     "composed": (tokred.DivPrune(keep=0.75), tokred.FastV(keep=0.5, layer=2)),
+    "pool_temporal": (tokred.Pool(stride=2, stage="projector", temporal_stride=2),),
+    "dycoke": (tokred.DyCoke(keep=0.5, window=2),),
+    "uniform": (tokred.Uniform(keep=2),),
+    "visionzip": (tokred.VisionZip(dominant=2, contextual=1),),
 }
+VIDEO_ONLY = ("pool_temporal", "dycoke", "uniform")
+
+
+def make_inputs(media, prompts=PROMPTS, seed=0):
+    return qwen_media_inputs(prompts, MEDIA[media], seed=seed)
+
+
+def single_inputs(media, batch, i):
+    """Sample i of ``batch`` alone: its prompt with its slices of the packed pixels."""
+    single = qwen_media_inputs([PROMPTS[i]], [MEDIA[media][i]])
+    for kind, pixels in (("image", "pixel_values"), ("video", "pixel_values_videos")):
+        sizes = [[t * h * w for k, (t, h, w) in items if k == kind] for items in MEDIA[media]]
+        start = sum(sum(s) for s in sizes[:i])
+        if sizes[i]:
+            single[pixels] = batch[pixels][start:start + sum(sizes[i])]
+    return single
+
+
+def media_cases(names):
+    return [(media, name) for media in MEDIA for name in names if media == "videos" or name not in VIDEO_ONLY]
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +73,8 @@ def greedy_uncached(model, inputs, steps):
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     prompt_length = ids.shape[1]
     for _ in range(steps):
-        call = dict(inputs, input_ids=ids, attention_mask=mask, mm_token_type_ids=(ids == QWEN_IMAGE).int())
+        call = dict(inputs, input_ids=ids, attention_mask=mask,
+                    mm_token_type_ids=(ids == QWEN_IMAGE).int() + 2 * (ids == QWEN_VIDEO).int())
         logits = model(**call, use_cache=False, prompt_length=prompt_length).logits[:, -1]
         logits[:, SUPPRESS] = -torch.inf
         ids = torch.cat([ids, logits.argmax(dim=-1, keepdim=True)], dim=1)
@@ -53,12 +83,14 @@ def greedy_uncached(model, inputs, steps):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("media", list(MEDIA))
 @pytest.mark.parametrize("reducers", [(), (tokred.DivPrune(keep=1.0),), (tokred.Random(keep=1.0, stage="projector"),),
-                                      (tokred.DART(keep=1.0),), (tokred.FastV(keep=1.0),)], ids=str)
+                                      (tokred.DART(keep=1.0),), (tokred.FastV(keep=1.0),),
+                                      (tokred.DyCoke(keep=1.0),), (tokred.Uniform(keep=1.0),)], ids=str)
 @torch.no_grad()
-def test_removing_nothing_is_the_unpatched_model(models, kind, reducers):
+def test_removing_nothing_is_the_unpatched_model(models, kind, media, reducers):
     model = models[kind]
-    inputs = qwen_inputs(PROMPTS, GRIDS)
+    inputs = make_inputs(media)
     reference = model(**inputs).logits
     reference_tokens = greedy_cached(model, inputs, 4)
     with tokred.applied(model, *reducers):
@@ -68,11 +100,11 @@ def test_removing_nothing_is_the_unpatched_model(models, kind, reducers):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("name", list(REDUCERS))
+@pytest.mark.parametrize("media,name", media_cases(REDUCERS))
 @torch.no_grad()
-def test_cached_generation_equals_uncached(models, kind, name):
+def test_cached_generation_equals_uncached(models, kind, media, name):
     model = models[kind]
-    inputs = qwen_inputs(PROMPTS, GRIDS)
+    inputs = make_inputs(media)
     with tokred.applied(model, *REDUCERS[name]):
         cached = greedy_cached(model, inputs, 5)
         assert torch.equal(cached, greedy_uncached(model, inputs, 5))
@@ -80,20 +112,17 @@ def test_cached_generation_equals_uncached(models, kind, name):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("name", ["divprune", "dart", "fastv", "adjacent", "composed"])
+@pytest.mark.parametrize("media,name", media_cases(["divprune", "dart", "fastv", "adjacent", "composed",
+                                                    "pool_temporal", "dycoke", "visionzip"]))
 @torch.no_grad()
-def test_batch_equals_one_by_one(models, kind, name):
+def test_batch_equals_one_by_one(models, kind, media, name):
     model = models[kind]
-    batch = qwen_inputs(PROMPTS, GRIDS, seed=3)
+    batch = make_inputs(media, seed=3)
     with tokred.applied(model, *REDUCERS[name]):
         logits = model(**batch).logits[:, -1]
         tokens = greedy_cached(model, batch, 4)
-        patches = 0
-        for i, (prompt, grid) in enumerate(zip(PROMPTS, GRIDS)):
-            single = qwen_inputs([prompt], [grid])
-            count = grid[0] * grid[1] * grid[2]
-            single["pixel_values"] = batch["pixel_values"][patches:patches + count]
-            patches += count
+        for i in range(len(PROMPTS)):
+            single = single_inputs(media, batch, i)
             torch.testing.assert_close(model(**single).logits[:, -1], logits[i:i + 1], atol=1e-5, rtol=1e-5)
             assert torch.equal(greedy_cached(model, single, 4), tokens[i:i + 1])
 
@@ -157,11 +186,11 @@ def counted(fn):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("name", ["none", "divprune", "dart", "fastv", "composed"])
+@pytest.mark.parametrize("media,name", media_cases(["none", "divprune", "dart", "fastv", "composed", "dycoke"]))
 @torch.no_grad()
-def test_flops_match_the_flop_counter(models, kind, name):
+def test_flops_match_the_flop_counter(models, kind, media, name):
     model = models[kind]
-    inputs = qwen_inputs(PROMPTS, GRIDS)
+    inputs = make_inputs(media)
     reducers = () if name == "none" else REDUCERS[name]
     with tokred.applied(model, *reducers):
         out = None

@@ -23,8 +23,9 @@ def clean_registry(monkeypatch):
 
 
 def test_builtin_names():
-    assert tokred.list_reducers() == ["adjacent", "dart", "divprune", "dtome", "fastv", "matryoshka", "pitome", "pool",
-                                      "random", "thresholds", "tome"]
+    assert tokred.list_reducers() == ["adjacent", "atp", "dart", "divprune", "dtome", "dycoke", "fastv", "holitom",
+                                      "holitom_inner", "matryoshka", "pitome", "pool", "random", "thresholds", "tome",
+                                      "uniform", "visionzip", "vtu"]
     for name in tokred.list_reducers():
         assert registry.name_of(registry.reducer_class(name)) == name
 
@@ -33,7 +34,7 @@ def test_reducer_by_name():
     assert tokred.reducer("dart", layer=2, keep=0.25) == tokred.DART(keep=0.25, layer=2)
     assert tokred.reducer("tome") == tokred.ToMe()
     assert tokred.reducer("TOME", r=4) == tokred.ToMe(r=4)
-    with pytest.raises(ValueError, match=r"unknown reducer 'tomee'; known reducers: adjacent, dart, divprune, .*tome"):
+    with pytest.raises(ValueError, match=r"unknown reducer 'tomee'; known reducers: adjacent, atp, dart, divprune, .*tome"):
         tokred.reducer("tomee", r=4)
     with pytest.raises(ValueError, match="unknown parameter 'ratio' for reducer 'tome'; its parameters are: r, "
                                          "prop_attn"):
@@ -76,6 +77,16 @@ ROUND_TRIPS = [
     (tokred.DToMe(thresholds=(0.5, 0.25, float("inf"))), "dtome:thresholds=(0.5;0.25;inf)"),
     (tokred.DToMe(thresholds=0.75, prop_attn=False), "dtome:thresholds=0.75/prop_attn=false"),
     (tokred.Matryoshka(tokens=36, positions="keep"), "matryoshka:tokens=36/positions=keep"),
+    (tokred.VTU(), "vtu"),
+    (tokred.VisionZip(dominant=4, contextual=0.125), "visionzip:dominant=4/contextual=0.125"),
+    (tokred.DyCoke(keep=0.5, window=2), "dycoke:keep=0.5/window=2"),
+    (tokred.Uniform(keep=5), "uniform:keep=5"),
+    (tokred.Random(keep=0.25, stage="projector", per_frame=True), "random:keep=0.25/stage=projector/per_frame=true"),
+    (tokred.Pool(stage="projector", temporal_stride=2), "pool:stage=projector/temporal_stride=2"),
+    (tokred.HoliTom(retain=0.25, tau=0.8), "holitom:retain=0.25/tau=0.8"),
+    (tokred.HoliTomInner(keep=0.5, layer=2), "holitom_inner:layer=2"),
+    (tokred.ATP(), "atp"),
+    (tokred.ATP(layers=(1, 3), thresholds=(0.5, float("-inf")), strides=4), "atp:layers=1;3/thresholds=0.5;-inf/strides=4"),
 ]
 
 
@@ -139,8 +150,8 @@ def test_none():
 
 
 @pytest.mark.parametrize("spec, message", [
-    ("tomee:r=4", "unknown reducer 'tomee'; known reducers: adjacent, dart, divprune, dtome, fastv, matryoshka, "
-                  "pitome, pool, random, thresholds, tome"),
+    ("tomee:r=4", "unknown reducer 'tomee'; known reducers: adjacent, atp, dart, divprune, dtome, dycoke, fastv, "
+                  "holitom, holitom_inner, matryoshka, pitome, pool, random, thresholds, tome, uniform, visionzip, vtu"),
     ("tome:r=4+fastvv:keep=2", "'fastvv:keep=2' of 'tome:r=4+fastvv:keep=2': unknown reducer 'fastvv'"),
     ("tome:ratio=4", "unknown parameter 'ratio' for tome; its parameters are: r, prop_attn"),
     ("dart:keep", "expected key=value, got 'keep'"),

@@ -8,6 +8,10 @@ runs the layers as *segments* (runs of layers between two plans), each with its 
 mask, positions and rotary table, never mutating shared tensors in place. The same loop serves
 prefill and every decode step; its bookkeeping (the segments) travels with the cache object.
 
+With :class:`~tokred.reducers.vtu.VTU` (DyMU's virtual token unmerging) the loop runs every layer's
+norms, projections and MLP on the merged rows and its attention on the virtual full-length sequence
+behind them (:class:`Unmerged`, which the adapter builds from the vision / projector merges).
+
 An adapter gives the engine only what is family-specific: the language model (``embed_tokens``,
 ``layers``, ``norm``, ``rotary_emb``: Llama / Qwen2 / Mistral-style decoders), the visual tokens
 in the :class:`Sequence` it builds, and a position scheme (:class:`Rotary1D` here).
@@ -21,14 +25,15 @@ from __future__ import annotations
 
 import inspect
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor, nn
 
 from tokred.flops import linear_flops
-from tokred.plan import Plan
+from tokred.plan import Plan, follow, take
 from tokred.reducers.base import Reducer
+from tokred.reducers.vtu import remerge_plan
 from tokred.signals import SequenceSignal
 
 
@@ -72,6 +77,11 @@ def cache_keyword(function, what: str) -> str:
 
 #: keyword arguments of the decoder layers that the loop passes (besides the cache)
 _LAYER_KEYWORDS = ("attention_mask", "position_ids", "use_cache", "position_embeddings")
+#: decoder layers (and their attention) whose forward VTU re-runs piece by piece: pre-norm, attention,
+#: residual, post-attention norm, MLP, residual; q/k/v/o projections and the 1-D rotary of Llama
+_UNMERGING_LAYERS = {"LlamaDecoderLayer": "LlamaAttention", "MistralDecoderLayer": "MistralAttention",
+                     "Qwen2DecoderLayer": "Qwen2Attention", "Qwen2VLDecoderLayer": "Qwen2VLAttention",
+                     "Qwen2_5_VLDecoderLayer": "Qwen2_5_VLAttention"}
 
 
 def additive_mask(key_valid: Tensor, queries: int, dtype: torch.dtype, key_bias: Tensor | None = None) -> Tensor:
@@ -176,6 +186,16 @@ class MRoPE(Rotary1D):
 # the sequence and its segments ----------------------------------------------------------------------
 
 @dataclass
+class Unmerged:
+    """The virtual full-length sequence behind a merged one, for VTU (:mod:`tokred.reducers.vtu`): the
+    unreduced prompt, each of whose tokens is a copy of one row of the sequence."""
+
+    rows: Tensor  # (B, N) row of the sequence each virtual token copies; -1: none (padding, a pruned token)
+    positions: Tensor  # (B, N) or (B, N, 3) the virtual tokens' positions: the unreduced prompt's
+    next_position: Tensor  # (B,) position id of the token after the unreduced prompt
+
+
+@dataclass
 class Segment:
     """Decoder layers ``first..`` (up to the next segment) and what their cache holds."""
 
@@ -199,6 +219,7 @@ class Sequence:
     prompt: Tensor  # (B, L) tokens decisions may use
     origin: Tensor  # (B, L) 1 + index in the input sequence, 0 for padding
     size: Tensor | None = None  # (B, L, 1) input tokens each token stands for, once tokens merged
+    unmerged: Unmerged | None = None  # the virtual sequence behind it, when VTU runs
 
     def apply(self, plan: Plan, positions: str, next_position: Tensor, scheme: Rotary1D) -> tuple[Sequence, Tensor]:
         """The sequence after ``plan`` (a left-padded plan over its tokens, e.g. from
@@ -214,8 +235,9 @@ class Sequence:
             new_positions, next_position = scheme.renumber(valid)
         else:
             new_positions = plan.select(self.positions)
+        unmerged = None if self.unmerged is None else replace(self.unmerged, rows=follow(self.unmerged.rows, plan))
         return Sequence(hidden, new_positions, valid, plan.select(self.visual), plan.select(self.prompt),
-                        plan.select(self.origin), size), next_position
+                        plan.select(self.origin), size, unmerged), next_position
 
 
 def last_prompt_token(prompt: Tensor) -> Tensor:
@@ -229,14 +251,16 @@ def last_prompt_token(prompt: Tensor) -> Tensor:
 @dataclass
 class Prefill:
     """What a prefill through the engine leaves: final-normed hidden states, the sequence they
-    belong to, the segments (also on the cache), per-layer lengths and the llm reducer's FLOPs."""
+    belong to, the segments (also on the cache), per-layer lengths and, per plan, the llm reducer's
+    FLOPs and the tokens per sample after it."""
 
     hidden: Tensor
     sequence: Sequence
     segments: list[Segment]
     lengths: list[tuple[int, int]]
-    reducer_flops: int
-    tokens_per_sample: list[int] | None
+    attention_length: int | None = None  # N, when attention ran on a virtual sequence (VTU)
+    #: per decoder layer K a plan acted before: (the reducer's FLOPs there, tokens per sample after it)
+    plans: dict[int, tuple[int, list[int]]] = field(default_factory=dict)
 
 
 class LanguageModelEngine:
@@ -260,6 +284,9 @@ class LanguageModelEngine:
         if reducer is not None:
             reducer.check(len(self.layers))
         self.cache_keyword = self._check_layers(name)
+        self.unmerges = reducer is not None and getattr(reducer, "unmerges", False)
+        if self.unmerges:
+            self._check_unmerging(name)
 
     def _check_layers(self, name: str) -> str:
         keywords = {cache_keyword(type(layer).forward, f"{name}'s decoder layer {type(layer).__name__}")
@@ -272,6 +299,31 @@ class LanguageModelEngine:
                                          f"{inspect.signature(type(layer).forward)}, not the one tokred's decoder "
                                          f"loop calls (hidden_states, {', '.join(_LAYER_KEYWORDS)}, cache)")
         return keywords.pop()
+
+    def _check_unmerging(self, name: str) -> None:
+        """VTU runs the decoder layers piece by piece (:meth:`_unmerged_layer`): a
+        :class:`CompatibilityError` unless every layer is one it was written against."""
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        for layer in self.layers:
+            attn = getattr(layer, "self_attn", None)
+            parts = ("input_layernorm", "post_attention_layernorm", "mlp")
+            projections = [getattr(attn, p, None) for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
+            module = sys.modules[type(attn).__module__]
+            implementation = getattr(getattr(attn, "config", None), "_attn_implementation", None)
+            if (_UNMERGING_LAYERS.get(type(layer).__name__) != type(attn).__name__
+                    or not all(hasattr(layer, p) for p in parts)
+                    or not all(isinstance(p, nn.Linear) for p in projections)
+                    or any(getattr(attn, p, None) is not None for p in ("q_norm", "k_norm", "sliding_window"))
+                    or not all(hasattr(attn, p) for p in ("head_dim", "scaling", "layer_idx"))
+                    or not all(hasattr(module, f) for f in ("apply_rotary_pos_emb", "eager_attention_forward"))
+                    or not hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface")
+                    or implementation not in ("eager", "sdpa")):
+                raise CompatibilityError(
+                    f"VTU re-runs {name}'s decoder layers piece by piece and knows the layers "
+                    f"{sorted(_UNMERGING_LAYERS)} with q/k/v/o projections, the 1-D rotary helper and eager or SDPA "
+                    f"attention; it met {type(layer).__name__} with {type(attn).__name__} ({implementation} "
+                    "attention)")
 
     # one segment, one layer -------------------------------------------------------------------------
     def _segment_inputs(self, segment: Segment, hidden: Tensor, queries: int, positions: Tensor) -> None:
@@ -296,16 +348,19 @@ class LanguageModelEngine:
         return DynamicCache(config=self.language_model.config)
 
     def prefill(self, seq: Sequence, next_position: Tensor, cache, keep_cache: bool) -> Prefill:
-        """Run every decoder layer on ``seq`` (the reducer acting before its layer K); with
+        """Run every decoder layer on ``seq`` (the reducer acting before its layers K); with
         ``keep_cache`` the segments ride on ``cache`` for the decode steps."""
+        if self.unmerges:
+            return self._prefill_unmerged(seq, cache, keep_cache)
         reducer = self.reducer
         segment = Segment(0, seq.valid, next_position)
         self._segment_inputs(segment, seq.hidden, seq.hidden.shape[1], seq.positions)
         segments, lengths = [segment], [(0, seq.hidden.shape[1])]
-        hidden, flops, per_sample = seq.hidden, 0, None
+        hidden, plans = seq.hidden, {}
         entering = hidden  # the input of the previous layer (FastV's query row comes from it)
+        plan_layers = reducer.decoder_layers() if reducer is not None else ()
         for i in range(len(self.layers)):
-            if reducer is not None and i == reducer.layer:
+            if i in plan_layers:
                 seq, next_position, flops = self._reduce(i, replace(seq, hidden=hidden), entering, segment, cache)
                 hidden = seq.hidden
                 log_size = None
@@ -315,25 +370,72 @@ class LanguageModelEngine:
                 self._segment_inputs(segment, hidden, hidden.shape[1], seq.positions)
                 segments.append(segment)
                 lengths.append((i, hidden.shape[1]))
-                per_sample = seq.valid.sum(dim=1).tolist()
+                plans[i] = (flops, seq.valid.sum(dim=1).tolist())
             entering = hidden
             hidden = self._layer(i, hidden, segment, cache)
         self._release(segments)
         if keep_cache:
             cache._tokred = segments
-        return Prefill(self.language_model.norm(hidden), seq, segments, lengths, flops, per_sample)
+        return Prefill(self.language_model.norm(hidden), seq, segments, lengths, plans=plans)
+
+    def _prefill_unmerged(self, seq: Sequence, cache, keep_cache: bool) -> Prefill:
+        """VTU's prefill: every decoder layer with its attention on the virtual sequence
+        ``seq.unmerged`` (:meth:`_unmerged_layer`). The cache then holds the N virtual tokens' keys and
+        values, so decode steps are ordinary steps of one segment over the virtual sequence."""
+        if seq.unmerged is None:
+            raise RuntimeError("VTU needs the virtual sequence of the unreduced prompt, which the adapter did not give")
+        rows, hidden = seq.unmerged.rows, seq.hidden
+        segment = Segment(0, rows >= 0, seq.unmerged.next_position)
+        self._segment_inputs(segment, hidden, rows.shape[1], seq.unmerged.positions)
+        remerge = remerge_plan(rows, hidden.shape[1])
+        for i in range(len(self.layers)):
+            hidden = self._unmerged_layer(i, hidden, segment, rows.clamp(min=0), remerge, cache)
+        self._release([segment])
+        if keep_cache:
+            cache._tokred = [segment]
+        return Prefill(self.language_model.norm(hidden), seq, [segment], [(0, hidden.shape[1])],
+                       attention_length=rows.shape[1])
+
+    def _unmerged_layer(self, i: int, hidden: Tensor, segment: Segment, copies: Tensor, remerge: Plan,
+                        cache) -> Tensor:
+        """Decoder layer ``i`` under VTU: norms, q/k/v/o projections and the MLP on the n rows of
+        ``hidden``; q, k, v copied to the N virtual tokens (``copies``: (B, N) row of each), rotated at
+        their virtual positions and cached; the model's own attention (eager or SDPA) over the virtual
+        sequence; each row's output the mean of its virtual tokens' (``remerge``)."""
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        layer = self.layers[i]
+        attn = layer.self_attn
+        module = sys.modules[type(attn).__module__]
+        batch, num_rows = hidden.shape[:2]
+        x = layer.input_layernorm(hidden)
+        q, k, v = (take(p(x).view(batch, num_rows, -1, attn.head_dim), copies).transpose(1, 2)
+                   for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+        q, k = module.apply_rotary_pos_emb(q, k, *segment.position_embeddings)
+        k, v = cache.update(k, v, attn.layer_idx)
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation,
+                                                          module.eager_attention_forward)
+        out = attention(attn, q, k, v, segment.mask, dropout=attn.attention_dropout if attn.training else 0.0,
+                        scaling=attn.scaling)[0]  # (B, N, H, D)
+        virtual = segment.valid[..., None].to(out.dtype)
+        out = remerge.weighted_mean(out.reshape(batch, copies.shape[1], -1), virtual)[0]
+        hidden = hidden + attn.o_proj(out)
+        return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 
     def _reduce(self, layer: int, seq: Sequence, entering: Tensor, segment: Segment,
                 cache) -> tuple[Sequence, Tensor, int]:
         """The reducer's plan before decoder ``layer``: the new sequence, next positions and its FLOPs."""
         reducer = self.reducer
         signal = SequenceSignal(self.language_model.norm(seq.hidden), seq.visual, seq.valid, seq.prompt,
-                                sizes=seq.size)
+                                sizes=seq.size, layer=layer, residual=seq.hidden)
         flops = 0
         if reducer.needs_keys:
             signal.keys = cache.layers[layer - 1].keys
         if reducer.needs_last_attention:
             signal.last_attention, flops = self.last_attention(layer - 1, entering, segment, cache, seq)
+        if reducer.needs_attention:
+            every = torch.arange(seq.valid.shape[1], device=seq.valid.device).expand(seq.valid.shape[0], -1)
+            signal.attention, flops = self.attention_rows(layer - 1, entering, segment, cache, seq, every)
         plan = reducer.plan_sequence(signal)
         length = seq.valid.shape[1]
         kept = torch.zeros(seq.valid.shape[0], length + 1, dtype=torch.bool, device=seq.valid.device)
@@ -348,29 +450,36 @@ class LanguageModelEngine:
     def last_attention(self, layer: int, entering: Tensor, segment: Segment, cache, seq: Sequence):
         """Attention of each sample's last prompt token over all tokens at decoder layer ``layer``
         (averaged over heads), from that one query row and the layer's cached keys; and its FLOPs."""
+        rows, flops = self.attention_rows(layer, entering, segment, cache, seq, last_prompt_token(seq.prompt)[:, None])
+        return rows[:, 0], flops
+
+    def attention_rows(self, layer: int, entering: Tensor, segment: Segment, cache, seq: Sequence,
+                       queries: Tensor) -> tuple[Tensor, int]:
+        """(B, Q, L) attention the tokens at ``queries`` (B, Q) give every token at decoder layer
+        ``layer`` (averaged over heads; causal, padding masked), from their queries and the layer's
+        cached keys; and its FLOPs."""
         decoder = self.layers[layer]
         attn = decoder.self_attn
-        batch = entering.shape[0]
-        rows = torch.arange(batch, device=entering.device)
-        last = last_prompt_token(seq.prompt)
-        x = decoder.input_layernorm(entering[rows, last][:, None])
-        q = attn.q_proj(x).view(batch, 1, -1, attn.head_dim).transpose(1, 2)  # (B, H, 1, D)
+        batch, count = queries.shape
+        rows = torch.arange(batch, device=entering.device)[:, None]
+        x = decoder.input_layernorm(entering[rows, queries])
+        q = attn.q_proj(x).view(batch, count, -1, attn.head_dim).transpose(1, 2)  # (B, H, Q, D)
         if hasattr(attn, "q_norm"):
             q = attn.q_norm(q)
-        cos, sin = (t[rows, last][:, None] for t in segment.position_embeddings)  # (B, 1, D)
+        cos, sin = (t[rows, queries] for t in segment.position_embeddings)  # (B, Q, D)
         apply_rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb  # the attention's own rotary
         q = apply_rotary(q, q, cos, sin)[0]
         keys = cache.layers[layer].keys
         keys = keys.repeat_interleave(q.shape[1] // keys.shape[1], dim=1)
-        logits = (q @ keys.transpose(-1, -2))[:, :, 0] * attn.scaling  # (B, H, L)
+        logits = (q @ keys.transpose(-1, -2)) * attn.scaling  # (B, H, Q, L)
         if segment.log_size is not None:
-            logits = logits + segment.log_size[:, None]
+            logits = logits + segment.log_size[:, None, None]
         positions = torch.arange(keys.shape[2], device=keys.device)
-        allowed = seq.valid & (positions[None] <= last[:, None])
+        allowed = seq.valid[:, None] & (positions[None, None] <= queries[..., None])  # (B, Q, L)
         logits = logits.masked_fill(~allowed[:, None], torch.finfo(logits.dtype).min)
-        row = logits.softmax(dim=-1).mean(dim=1)
-        flops = linear_flops(attn.q_proj, batch) + 2 * batch * q.shape[1] * keys.shape[2] * attn.head_dim
-        return row, flops
+        attention = logits.softmax(dim=-1).mean(dim=1)
+        flops = linear_flops(attn.q_proj, batch * count) + 2 * batch * q.shape[1] * count * keys.shape[2] * attn.head_dim
+        return attention, flops
 
     # decode -----------------------------------------------------------------------------------------
     def decode(self, segments: list[Segment], hidden: Tensor, attention_mask: Tensor | None, cache) -> Tensor:

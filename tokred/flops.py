@@ -69,9 +69,12 @@ class LayerCosts:
     per_token_pair: int  # QK^T and AV, per (query, key) pair
     per_mlp_token: int  # MLP, per token leaving the block
 
-    def flops(self, attention_tokens, mlp_tokens):
-        """Works on ints and on (differentiable) tensors of expected counts alike."""
-        return (self.per_attention_token * attention_tokens + self.per_token_pair * attention_tokens ** 2
+    def flops(self, attention_tokens, mlp_tokens, core_tokens=None):
+        """Works on ints and on (differentiable) tensors of expected counts alike. ``core_tokens``: the
+        tokens the attention core (QK^T, AV) ran on when they are not the projections'
+        ``attention_tokens`` (VTU: n rows projected, N virtual tokens attending)."""
+        core = attention_tokens if core_tokens is None else core_tokens
+        return (self.per_attention_token * attention_tokens + self.per_token_pair * core ** 2
                 + self.per_mlp_token * mlp_tokens)
 
 

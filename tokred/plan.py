@@ -50,6 +50,12 @@ class Plan:
         num_inputs: N, the number of input tokens.
         padded: images keep different numbers of tokens; ``keep`` and ``src`` entries equal to
             N are padding. Padding outputs are zero with size 0, padding sources add nothing.
+        weight: (B, R) the share w_k of each ``src`` token in the token it merges into (0 for
+            padding), for merges that are not size-weighted means (HoliTom's beta-weighted clusters
+            and repeated halving); None: size-weighted (:meth:`weighted_mean`). Sizes add up either way.
+        ordered: ``keep`` is the order the output tokens take in the language model's sequence (when
+            positions are renumbered), e.g. HoliTom's [static clusters of a segment, then each frame's
+            tokens]; otherwise the projector stage lays the outputs out in the order of their inputs.
     """
 
     keep: Tensor
@@ -57,6 +63,8 @@ class Plan:
     src: Tensor | None = None
     dst: Tensor | None = None
     padded: bool = False
+    weight: Tensor | None = None
+    ordered: bool = False
 
     @property
     def num_outputs(self) -> int:
@@ -80,15 +88,19 @@ class Plan:
         return _add_rows(out, self.dst, take(self._with_null_row(x), self.src)) if self.merges else out
 
     def weighted_mean(self, x: Tensor, size: Tensor) -> tuple[Tensor, Tensor]:
-        """Size-weighted mean of ``x`` (B, N, C) per output token, and the summed sizes (B, M, 1).
+        """Merged ``x`` (B, N, C) per output token, and the summed sizes (B, M, 1).
 
         Only the rows that receive merges are touched: a destination d with merged sources k
-        becomes x_d + sum_k s_k (x_k - x_d) / (s_d + sum_k s_k), the size-weighted mean.
+        becomes x_d + sum_k w_k (x_k - x_d), i.e. (1 - sum_k w_k) x_d + sum_k w_k x_k, with the
+        plan's ``weight`` w_k when it has one, else w_k = s_k / (s_d + sum_k s_k): the size-weighted mean.
         """
         out, out_size = self.select(x), self.sum(size)
         if self.merges:
-            x, size = self._with_null_row(x), self._with_null_row(size)
-            weight = take(size, self.src) / take(out_size, self.dst)
+            x = self._with_null_row(x)
+            if self.weight is None:
+                weight = take(self._with_null_row(size), self.src) / take(out_size, self.dst)
+            else:
+                weight = self.weight.to(x.dtype).view(*self.weight.shape, *[1] * (x.dim() - 2))
             _add_rows(out, self.dst, weight * (take(x, self.src) - take(out, self.dst)))
         return out, out_size
 
@@ -114,10 +126,11 @@ def follow(source_map: Tensor, plan: Plan) -> Tensor:
     return torch.where(covered, moved, source_map)
 
 
-def sequence_plan(keep: Tensor, merge_into: Tensor | None = None) -> Plan:
+def sequence_plan(keep: Tensor, merge_into: Tensor | None = None, weight: Tensor | None = None) -> Plan:
     """A left-padded plan over sequences (B, L): the tokens where ``keep`` is True stay, in order,
     each row left-padded to the longest (padding entries point at L: ``Plan.padded``); a token with
-    ``merge_into[b, i] = j >= 0`` (a kept token j) merges into j. The one way ``llm``-stage
+    ``merge_into[b, i] = j >= 0`` (a kept token j) merges into j, with the share ``weight[b, i]``
+    (``Plan.weight``) when ``weight`` (B, L) is given, else size-weighted. The one way ``llm``-stage
     reducers build their plans."""
     batch, length = keep.shape
     counts = keep.sum(dim=1)
@@ -141,4 +154,8 @@ def sequence_plan(keep: Tensor, merge_into: Tensor | None = None) -> Plan:
     column = torch.arange(len(rows), device=keep.device) - (per_row.cumsum(0) - per_row)[rows]
     src[rows, column] = sources
     dst[rows, column] = output[rows, merge_into[rows, sources]]
-    return replace(plan, src=src, dst=dst, padded=plan.padded or bool((src == length).any()))
+    shares = None
+    if weight is not None:
+        shares = weight.new_zeros(batch, most)  # padding sources: no share
+        shares[rows, column] = weight[rows, sources]
+    return replace(plan, src=src, dst=dst, padded=plan.padded or bool((src == length).any()), weight=shares)

@@ -32,8 +32,8 @@ import re
 from collections.abc import Callable
 from importlib.metadata import entry_points
 
-from tokred.reducers import (DART, AdjacentMerge, DivPrune, DToMe, FastV, Matryoshka, PiToMe, Pool, Random, Reducer,
-                             Thresholds, ToMe)
+from tokred.reducers import (ATP, DART, AdjacentMerge, Budget, DivPrune, DToMe, FastV, Matryoshka, PiToMe, Pool, Random, Reducer,
+                             Thresholds, ToMe, VTU, DyCoke, Uniform, VisionZip, HoliTom, HoliTomInner)
 
 #: the entry-point group third-party packages list their reducers in (name = reducer name, value = the class)
 ENTRY_POINT_GROUP = "tokred.reducers"
@@ -92,7 +92,8 @@ def register_reducer(name: str) -> Callable[[type[Reducer]], type[Reducer]]:
 BUILTINS: dict[str, type[Reducer]] = {
     "tome": ToMe, "pitome": PiToMe, "thresholds": Thresholds, "random": Random, "pool": Pool,
     "divprune": DivPrune, "dart": DART, "fastv": FastV, "adjacent": AdjacentMerge, "dtome": DToMe,
-    "matryoshka": Matryoshka,
+    "matryoshka": Matryoshka, "vtu": VTU, "visionzip": VisionZip, "dycoke": DyCoke, "uniform": Uniform,
+    "holitom": HoliTom, "holitom_inner": HoliTomInner, "atp": ATP,
 }
 for _builtin_name, _builtin in BUILTINS.items():
     register_reducer(_builtin_name)(_builtin)
@@ -227,14 +228,19 @@ def parse_value(text: str):
 
 def save_reducers(path, *reducers: Reducer) -> None:
     """Write ``reducers`` (e.g. calibrated thresholds) to a JSON file: their spec, which
-    :func:`load_reducers` parses back to equal reducers (floats are written exactly)."""
+    :func:`load_reducers` parses back to equal reducers (floats are written exactly). A
+    :class:`~tokred.Budget` ``keep`` has no spec form: it is written under ``budgets`` (by the
+    reducer's index) and the spec holds ``keep=1.0`` in its place."""
     import json
     from pathlib import Path
 
     from tokred import __version__
 
-    spec = "+".join(map(str, reducers)) if reducers else "none"
-    Path(path).write_text(json.dumps({"tokred": __version__, "spec": spec}, indent=1) + "\n")
+    budgets = {str(i): r.keep.to_json() for i, r in enumerate(reducers) if isinstance(getattr(r, "keep", None), Budget)}
+    written = [dataclasses.replace(r, keep=1.0) if str(i) in budgets else r for i, r in enumerate(reducers)]
+    spec = "+".join(map(str, written)) if reducers else "none"
+    data = {"tokred": __version__, "spec": spec, **({"budgets": budgets} if budgets else {})}
+    Path(path).write_text(json.dumps(data, indent=1) + "\n")
 
 
 def load_reducers(path) -> tuple[Reducer, ...]:
@@ -245,7 +251,10 @@ def load_reducers(path) -> tuple[Reducer, ...]:
     data = json.loads(Path(path).read_text())
     if not isinstance(data, dict) or not isinstance(data.get("spec"), str):
         raise ValueError(f"{path} is not a tokred reducers file (a JSON object with a 'spec' string)")
-    return parse_spec(data["spec"])
+    reducers = list(parse_spec(data["spec"]))
+    for index, budget in data.get("budgets", {}).items():
+        reducers[int(index)] = dataclasses.replace(reducers[int(index)], keep=Budget.from_json(budget))
+    return tuple(reducers)
 
 
 def _split_reducers(spec: str) -> list[str]:
@@ -329,6 +338,9 @@ def _format_item(value, where: str) -> str:
         return repr(float(value)).replace("e+", "e")
     if isinstance(value, str) and _WORD.match(value) and value.lower() not in _RESERVED:
         return value
+    if isinstance(value, Budget):
+        raise ValueError(f"{where}: a Budget holds its calibration values and has no spec form; save the reducer "
+                         "with tokred.save_reducers (JSON) and read it back with tokred.load_reducers")
     raise ValueError(f"{where}={value!r} cannot be written in a spec (values are ints, floats, true/false, none, "
                      "words of letters, digits, '_', '-' and '.', or tuples/lists of those)")
 

@@ -14,13 +14,19 @@ from torch import Tensor
 from tokred.signals import SequenceSignal
 
 
-def keep_visual(signal: SequenceSignal, keep: int | float, choose: Callable[[int, int], Tensor]) -> Tensor:
-    """(B, L) keep mask: every non-visual token, and per sample b with N visual tokens the
-    positions ``choose(b, k)`` returns, k = ``kept_count(keep, N)``."""
-    from tokred.reducers.base import kept_count
-
+def keep_visual(signal: SequenceSignal, keep, choose: Callable[[int, int], Tensor]) -> Tensor:
+    """(B, L) keep mask: every non-visual token, and per sample b with visual tokens the positions
+    ``choose(b, k)`` returns, k = :func:`visual_count` of ``keep``."""
     mask = ~signal.visual
     for b, num_visual in enumerate(signal.visual.sum(dim=1).tolist()):
         if num_visual:
-            mask[b, choose(b, kept_count(keep, num_visual))] = True
+            mask[b, choose(b, visual_count(keep, signal, b))] = True
     return mask
+
+
+def visual_count(keep, signal: SequenceSignal, b: int) -> int:
+    """Visual tokens sample b keeps: ``keep`` (a count, a fraction, or a :class:`~tokred.Budget`
+    measured on the sample's visual hidden states) resolved on its N visual tokens."""
+    from tokred.reducers.budget import kept_counts
+
+    return kept_counts(keep, signal.hidden[b, signal.visual[b]][None])[0]

@@ -22,6 +22,12 @@ class SequenceSignal:
         last_attention: (B, L) attention the last prompt token gives every token at layer K - 1,
             averaged over heads, when the reducer ``needs_last_attention``.
         sizes: (B, L, 1) input tokens each token stands for, once an earlier plan merged tokens, else None.
+        layer: the decoder layer K the plan acts before.
+        attention: (B, L, L) attention every token (row, the query) gives every token at layer K - 1,
+            averaged over heads (causal, padding keys 0; padding query rows mean nothing), when the reducer
+            ``needs_attention``.
+        residual: (B, L, C) the same hidden states before the final norm: the residual stream entering
+            layer K (HoliTom's inner stage compares these).
     """
 
     hidden: Tensor
@@ -31,6 +37,9 @@ class SequenceSignal:
     keys: Tensor | None = None
     last_attention: Tensor | None = None
     sizes: Tensor | None = None
+    layer: int | None = None
+    attention: Tensor | None = None
+    residual: Tensor | None = None
 
 
 @dataclass
@@ -95,9 +104,11 @@ class Signal:
 @dataclass(frozen=True)
 class Layout:
     """How the N tokens of one visual item lie, for projector-stage reducers: ``frames`` x
-    ``height`` x ``width`` in raster order, frame by frame (an image has one frame; Qwen2-VL's
-    tokens are its 2 x 2 merge units). Items whose tokens form no such grid (LLaVA-NeXT's AnyRes
-    crops with newline tokens) have no layout (None)."""
+    ``height`` x ``width`` in raster order, frame by frame (an image has one frame; a video one
+    per frame — LLaVA-OneVision: its pooled frames, Qwen2-VL: its temporal patches; Qwen2-VL's
+    tokens are its 2 x 2 merge units). An item's protected tokens (the ``image_newline`` after a
+    OneVision video) are not part of its layout: reducers never see them. Items whose tokens form
+    no such grid (LLaVA-NeXT's AnyRes crops with newline tokens) have no layout (None)."""
 
     frames: int
     height: int

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tokred.plan import Plan, sequence_plan
-from tokred.reducers.base import DecoderReducer, check_finite, check_flag, kept_count
+from tokred.reducers.base import DecoderReducer, check_finite, check_flag
+from tokred.sequence import visual_count
 
 if TYPE_CHECKING:
     from tokred.signals import SequenceSignal
@@ -83,7 +84,7 @@ class AdjacentMerge(DecoderReducer):
         merge_into = torch.full(signal.visual.shape, -1, dtype=torch.long, device=signal.visual.device)
         for b, num_visual in enumerate(signal.visual.sum(dim=1).tolist()):
             if num_visual:
-                merge_into[b] = select(signal.hidden[b], signal.visual[b], kept_count(self.keep, num_visual))
+                merge_into[b] = select(signal.hidden[b], signal.visual[b], visual_count(self.keep, signal, b))
         return sequence_plan(signal.valid & (merge_into < 0), merge_into)
 
     def overhead_flops(self, signal: SequenceSignal) -> int:

@@ -29,15 +29,20 @@ def check_fraction(name: str, value) -> None:
 
 
 def check_keep(value) -> None:
-    """A ``ValueError`` unless ``value`` is a fraction in (0, 1] or a token count >= 1."""
+    """A ``ValueError`` unless ``value`` is a fraction in (0, 1], a token count >= 1 or a :class:`~tokred.Budget`."""
+    from tokred.reducers.budget import Budget
+
     if isinstance(value, bool) or not (isinstance(value, int) and value >= 1
-                                       or isinstance(value, float) and 0 < value <= 1):
+                                       or isinstance(value, float) and 0 < value <= 1 or isinstance(value, Budget)):
         raise ValueError(f"keep must be a fraction in (0, 1] (a float) or a number of tokens >= 1 (an int), "
-                         f"got {value!r}")
+                         f"got {value!r}; or a tokred.Budget (a per-image fraction)")
 
 
 def kept_count(keep: int | float, available: int) -> int:
     """Tokens kept out of ``available``: ``keep`` itself if it is a count, else round(keep * available), at least 1."""
+    if not isinstance(keep, (int, float)):
+        raise ValueError(f"keep={keep!r}: this reducer takes a count or a fraction here, not a per-image Budget "
+                         "(DivPrune, Random, FastV, DART, AdjacentMerge and HoliTomInner take one)")
     if isinstance(keep, int):
         if keep > available:
             raise ValueError(f"keep={keep} tokens, but there are only {available}; use a smaller count "
@@ -68,9 +73,12 @@ def per_block(value, num_layers: int, name: str) -> list[float]:
     return [float(v) for v in values]
 
 
-def keeps_everything(keep: int | float) -> bool:
-    """``keep`` is the fraction 1.0 (every token); the int 1 is a count of one token."""
-    return isinstance(keep, float) and keep == 1.0
+def keeps_everything(keep) -> bool:
+    """``keep`` is the fraction 1.0 (every token) or a budget whose mean keep is 1.0; the int 1 is a
+    count of one token."""
+    from tokred.reducers.budget import Budget
+
+    return isinstance(keep, float) and keep == 1.0 or isinstance(keep, Budget) and keep.mean_keep == 1.0
 
 
 def check_positions(value) -> None:
@@ -115,6 +123,11 @@ class Reducer:
     needs_keys: ClassVar[bool] = False
     #: ``llm`` stage: needs the last prompt token's attention row at layer K - 1
     needs_last_attention: ClassVar[bool] = False
+    #: ``llm`` stage: needs every token's attention row at layer K - 1 (``SequenceSignal.attention``)
+    needs_attention: ClassVar[bool] = False
+    #: ``projector`` stage: needs the attention each visual token received in the vision tower
+    #: (``plan_images(..., received=...)``); adapters that cannot provide it refuse the reducer
+    needs_tower_attention: ClassVar[bool] = False
 
     def __str__(self) -> str:
         """The reducer's text spec: its registered name, then its required parameters and those that
@@ -160,8 +173,16 @@ class Reducer:
 
     def plan_images(self, features: Tensor, layout: Layout | None) -> Plan:
         """``projector`` stage: plan for the visual tokens ``features`` (G, N, C) of G visual items
-        with N tokens each, all with ``layout`` (frames, height, width), or None if they form no grid."""
+        (images or videos) with N tokens each, all with ``layout`` (frames, height, width), or None if
+        they form no grid. An item's protected tokens (e.g. the newline after a LLaVA-OneVision
+        video) are not among ``features``: the adapter keeps them. A reducer that
+        ``needs_tower_attention`` is called with ``received`` (G, N) too: the mean attention each
+        token received in the vision tower, laid out like ``features``."""
         raise NotImplementedError
+
+    def decoder_layers(self) -> tuple[int, ...]:
+        """``llm`` stage: the decoder layers K before which :meth:`plan_sequence` acts (its ``layer``)."""
+        return (self.layer,)
 
     def plan_sequence(self, signal: SequenceSignal) -> Plan:
         """``llm`` stage: a left-padded plan over the sequences (:func:`tokred.plan.sequence_plan`);

@@ -44,8 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tokred.reducers.base import DecoderReducer, check_finite, kept_count
-from tokred.sequence import keep_visual
+from tokred.reducers.base import DecoderReducer, check_finite
+from tokred.sequence import keep_visual, visual_count
 
 if TYPE_CHECKING:
     from tokred.signals import SequenceSignal
@@ -161,8 +161,8 @@ class DART(DecoderReducer):
     tokens least duplicated by a few pivot tokens (the rule: :mod:`tokred.reducers.dart`).
 
     Args:
-        keep: visual tokens kept per sample: a fraction in (0, 1] (round(keep * N), at least 1)
-            or a count.
+        keep: visual tokens kept per sample: a fraction in (0, 1] (round(keep * N), at least 1), a
+            count, or a :class:`~tokred.Budget` (measured on the sample's visual hidden states).
         layer: the decoder layer K before which visual tokens are pruned (K >= 1; the keys come
             from layer K - 1).
         image_pivots: visual pivot tokens (largest key norm); they are kept.
@@ -196,5 +196,5 @@ class DART(DecoderReducer):
         num_visual = signal.visual.sum(dim=1).tolist()
         num_text = text_after_image(signal).sum(dim=1).tolist()
         channels = signal.hidden.shape[-1]
-        return sum(select_flops(n, t, kept_count(self.keep, n), channels, self.image_pivots, self.text_pivots)
-                   for n, t in zip(num_visual, num_text) if n)
+        return sum(select_flops(n, t, visual_count(self.keep, signal, b), channels, self.image_pivots,
+                                self.text_pivots) for b, (n, t) in enumerate(zip(num_visual, num_text)) if n)

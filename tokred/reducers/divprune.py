@@ -14,12 +14,20 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tokred.plan import Plan
-from tokred.reducers.base import Reducer, check_finite, check_keep, check_positions, kept_count
+from tokred.reducers.base import Reducer, check_finite, check_keep, check_positions
+from tokred.reducers.budget import kept_counts, padded_prefixes
 from tokred.signals import Layout
 
 
 def select(features: Tensor, k: int) -> Tensor:
-    """Indices (B, k), ascending, of the tokens DivPrune keeps from ``features`` (B, N, C).
+    """Indices (B, k), ascending, of the tokens DivPrune keeps from ``features`` (B, N, C): the
+    first k of :func:`greedy_order`."""
+    return greedy_order(features, k).sort(dim=-1).values
+
+
+def greedy_order(features: Tensor, k: int) -> Tensor:
+    """Indices (B, k), in pick order, of DivPrune's first k picks from ``features`` (B, N, C); the
+    order is nested (the first j picks are the picks for j), so it serves every budget at once.
 
     Distance is 1 - cosine similarity. The first pick is the token whose nearest other token is
     farthest away; every further pick is the token farthest from the tokens picked so far (its
@@ -41,11 +49,13 @@ def select(features: Tensor, k: int) -> Tensor:
     pick = nearest_other.argmax(dim=-1)  # argmax returns the first maximum: ties to the lowest index
     picked = torch.zeros(batch, num_tokens, dtype=torch.bool, device=features.device)
     to_set = torch.full((batch, num_tokens), torch.inf, device=features.device)
+    order = []
     for _ in range(k):
+        order.append(pick)
         picked[rows, pick] = True
         to_set = torch.minimum(to_set, distance[rows, pick])
         pick = to_set.masked_fill(picked, -torch.inf).argmax(dim=-1)
-    return picked.nonzero()[:, 1].view(batch, k)
+    return torch.stack(order, dim=1)
 
 
 def select_flops(num_tokens: int, channels: int) -> int:
@@ -58,7 +68,8 @@ class DivPrune(Reducer):
     """DivPrune at the ``projector`` stage: each image keeps its most diverse visual tokens.
 
     Args:
-        keep: tokens kept per image: a fraction in (0, 1] (round(keep * N), at least 1) or a count.
+        keep: tokens kept per image: a fraction in (0, 1] (round(keep * N), at least 1), a count, or a
+            :class:`~tokred.Budget` (each image its own fraction, from its content).
         positions: position ids of the remaining tokens in the language model: ``"renumber"``
             (contiguous, as DivPrune does), ``"keep"`` (the original positions, with gaps), or None
             (the model's default: renumber for 1-D positions, keep for Qwen2-VL's 3-D M-RoPE).
@@ -74,8 +85,9 @@ class DivPrune(Reducer):
         check_positions(self.positions)
 
     def plan_images(self, features: Tensor, layout: Layout | None) -> Plan:
-        k = kept_count(self.keep, features.shape[1])
-        return Plan(keep=select(features, k), num_inputs=features.shape[1])
+        # the greedy order is nested: with per-image counts (a Budget) each image keeps a prefix of it
+        counts = kept_counts(self.keep, features)
+        return padded_prefixes(greedy_order(features, max(counts)), counts, features.shape[1])
 
     def overhead_flops(self, features: Tensor) -> int:
         images, num_tokens, channels = features.shape

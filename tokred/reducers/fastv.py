@@ -47,8 +47,8 @@ class FastV(DecoderReducer):
     tokens that its last prompt token attends to most at layer ``layer - 1``.
 
     Args:
-        keep: visual tokens kept per sample: a fraction in (0, 1] (round(keep * N), at least 1)
-            or a count.
+        keep: visual tokens kept per sample: a fraction in (0, 1] (round(keep * N), at least 1), a
+            count, or a :class:`~tokred.Budget` (measured on the sample's visual hidden states).
         layer: the decoder layer K before which visual tokens are pruned (K >= 1; the attention
             comes from layer K - 1).
         positions: position ids of the remaining tokens: ``"keep"`` (the original positions,
