@@ -13,9 +13,12 @@ TESTED = {
     "## Quick start: timm": "test_timm_quick_start_runs",
     "## Quick start: open_clip and Hugging Face vision towers": "test_open_clip_and_siglip_quick_start_runs",
     "## Quick start: Hugging Face LLaVA": "test_llava_quick_start_runs",
+    "## Quick start offline: the shipped LLaVA": "test_offline_llava_quick_start_runs",
     "## Quick start: Hugging Face Qwen2-VL / Qwen2.5-VL": "test_qwen2_vl_quick_start_runs",
+    "## Quick start: video (LLaVA-OneVision, Qwen2-VL)": "test_video_quick_start_runs",
     "## Learned thresholds": "test_thresholds_snippet_runs",
     "## Adaptive budgets: DToMe": "test_dtome_snippet_runs",
+    "## Adaptive budgets for any reducer: Budget and ATP": "test_budget_and_atp_snippet_runs",
     "## Reducers": "test_registry_snippet_runs",
 }
 
@@ -85,6 +88,57 @@ def test_llava_quick_start_runs(tmp_path, monkeypatch):
     llm = __import__("tokred").last_trace(model).tokens("llm")
     assert llm[2] < llm[1] < namespace["inputs"]["input_ids"].shape[1]
     assert isinstance(out, torch.Tensor)
+
+
+def test_video_quick_start_runs(tmp_path, monkeypatch):
+    """The video quick start with a tiny random LLaVA-OneVision and a stand-in for the processor."""
+    import torch
+
+    from helpers import onevision_video_inputs, tiny_onevision
+
+    code = snippet("## Quick start: video (LLaVA-OneVision, Qwen2-VL)")
+    model = tiny_onevision()
+
+    class Processor:
+        def apply_chat_template(self, messages, add_generation_prompt):
+            assert messages[0]["content"][0]["type"] == "video" and add_generation_prompt
+            return "<video>Where does the camera move?"
+
+        def __call__(self, videos, text, return_tensors):
+            assert len(videos) == 1 and len(videos[0]) == 8 and videos[0][0].size == (160, 160)
+            return onevision_video_inputs([([5, 6], [7, 8, 9])], frames=8)
+
+        def decode(self, ids, skip_special_tokens):
+            return " ".join(map(str, ids.tolist()))
+
+    code = re.sub(r"LlavaOnevisionForConditionalGeneration\.from_pretrained\(.*?\)\n", "tiny_model\n", code, flags=re.S)
+    code = re.sub(r"AutoProcessor\.from_pretrained\(.*?\)\n", "Processor()\n", code)
+    monkeypatch.chdir(tmp_path)  # the photo comes from the package
+    namespace = {"tiny_model": model, "Processor": Processor}
+    exec(compile(code, "README.md", "exec"), namespace)
+    out, inputs = namespace["out"], namespace["inputs"]
+    assert isinstance(out, torch.Tensor) and out.shape[1] > inputs["input_ids"].shape[1]
+    llm = __import__("tokred").last_trace(model).tokens("llm")
+    assert llm[0] == inputs["input_ids"].shape[1] - 8 * (16 - 4)  # per frame: 3 dominant + 1 contextual of 16
+
+
+def test_offline_llava_quick_start_runs(tmp_path, monkeypatch, capsys):
+    """As written, on the shipped digits VLM (nothing replaced): the full model reads the scene, each
+    reducer shortens the sequence and costs fewer prefill FLOPs."""
+    pytest.importorskip("transformers")
+    monkeypatch.chdir(tmp_path)  # the checkpoint comes from the package
+    namespace = {}
+    exec(compile(snippet("## Quick start offline: the shipped LLaVA"), "README.md", "exec"), namespace)
+    lines = capsys.readouterr().out.splitlines()
+    expected = namespace["question"]["answer"].split()
+    answers = {line.split(" -> ")[0]: line.split(" -> ")[1].split(";")[0].split() for line in lines if " -> " in line}
+    assert list(answers) == ["none", "divprune:keep=0.5/positions=keep", "dart:keep=0.5"]
+    assert sum(a == b for a, b in zip(answers["none"], expected)) >= 14  # the trained model reads the grid
+    lengths = [eval(line) for line in lines if line.startswith("[")]
+    prefill = [float(line.split()[1]) for line in lines if line.strip().startswith("llm_prefill:")]
+    assert lengths[0][0] == lengths[0][-1] > lengths[1][0] == lengths[1][-1]  # 64 visual tokens, then 32
+    assert lengths[2][0] == lengths[0][0] > lengths[2][2] == lengths[1][0]    # DART: 32 of them from layer 2
+    assert prefill[0] > prefill[2] > prefill[1]
 
 
 def test_qwen2_vl_quick_start_runs(tmp_path, monkeypatch):
@@ -178,6 +232,20 @@ def test_dtome_snippet_runs(tmp_path, monkeypatch):
 
     counts = tokred.last_trace(namespace["model"]).layers[-1].tokens_per_image
     assert len(counts) == 90 and len(set(counts)) > 1
+
+
+def test_budget_and_atp_snippet_runs(tmp_path, monkeypatch):
+    """Runs on the digits VLM that ships with tokred and its shipped questions."""
+    import tokred
+
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(compile(snippet("## Adaptive budgets for any reducer: Budget and ATP"), "README.md", "exec"), namespace)
+    (budget,) = tokred.load_reducers(tmp_path / "budget.json")
+    assert budget.keep == namespace["budget"]
+    assert namespace["atp"].layers == (1, 2, 3) and all(t > -float("inf") for t in namespace["atp"].thresholds)
+    counts = namespace["budget"].keeps(namespace["tokens"])
+    assert sum(counts) / len(counts) == pytest.approx(0.25) and len(set(counts)) > 1
 
 
 def test_registry_snippet_runs():
