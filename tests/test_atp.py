@@ -255,6 +255,8 @@ def test_bad_calibration_input_leaves_the_model_unpatched(llava):
         tokred.calibrate(llava, data, reducer=ATP(layers=(1,), strides=1), target_flops=0.5)
     with pytest.raises(ValueError, match="fits tokred.ATP"):
         tokred.calibrate(llava, data, reducer=tokred.FastV(keep=0.5))
+    with pytest.raises(ValueError, match="not a one-shot iterator"):
+        tokred.calibrate(llava, iter(data), reducer=ATP(layers=(1,)))
     assert "forward" not in llava.__dict__ and not tokred.reducers_of(llava)
 
 

@@ -274,6 +274,9 @@ def calibrate_atp(model, data, reducer: ATP, target_flops: float = 0.5, loss: st
     3. The spread with the least ``loss``, KL(full || pruned) of the next-token distribution
        averaged over the data, wins; it is applied to ``model`` (with the model's other-stage
        reducers) and returned.
+
+    The data are streamed: every step is a pass over ``data`` (so it must be re-iterable, e.g. a
+    ``DataLoader``), and only the pooled importance scores are kept between passes.
     """
     import tokred
     from tokred.api import adapter_of
@@ -286,8 +289,11 @@ def calibrate_atp(model, data, reducer: ATP, target_flops: float = 0.5, loss: st
         raise ValueError(f"unknown loss {loss!r}; ATP calibrates with {LOSSES} (no labels: KL to the unpruned "
                          "model's next-token distribution)")
     forward = forward if forward is not None else _last_logits
-    batches = list(data)
-    if not batches:
+    if iter(data) is data:
+        raise ValueError("calibrate_atp passes over the data several times and holds none of it: give a re-iterable "
+                         "(a DataLoader or a list of batches), not a one-shot iterator or generator")
+    batches = data
+    if next(iter(batches), None) is None:
         raise ValueError("calibrate_atp got no data; it needs batches of model inputs")
     others = tuple(r for r in tokred.reducers_of(model) if r.stage != "llm")
     previous = tokred.reducers_of(model) if adapter_of(model) is not None else None
@@ -295,9 +301,20 @@ def calibrate_atp(model, data, reducer: ATP, target_flops: float = 0.5, loss: st
         adapter = adapter_of(model)
         costs = [adapter.llm_costs(i) for i in range(len(adapter.layers))]
         overhead = {k: _attention_rows_flops(adapter, k - 1) for k in reducer.layers}
+    def kl_to_full(candidate: ATP) -> float:
+        """KL(unpruned || pruned) of the next-token distribution, averaged over the data's rows."""
+        total, rows = 0.0, 0
+        with torch.no_grad():
+            for batch in batches:
+                with tokred.applied(model, *others):
+                    full = forward(model, batch).double().log_softmax(dim=-1)
+                with tokred.applied(model, *others, candidate):
+                    pruned = forward(model, batch).double().log_softmax(dim=-1)
+                total += float((full.exp() * (full - pruned)).sum())
+                rows += full.shape[0]
+        return total / rows
+
     try:
-        with torch.no_grad(), tokred.applied(model, *others):
-            full = [forward(model, batch).double().log_softmax(dim=-1) for batch in batches]
         records = _record(model, batches, forward, others, reducer, 1, ())
         counts = ([v for r in records for v in r[3]], [t for r in records for t in r[4]])  # visual, total per sample
         lowest = _llm_ratio(costs, overhead, reducer, [0.0] * len(reducer.layers), counts)
@@ -317,9 +334,7 @@ def calibrate_atp(model, data, reducer: ATP, target_flops: float = 0.5, loss: st
             fractions = [low ** w for w in weights]
             thresholds = _fit_thresholds(model, batches, forward, others, reducer, fractions)
             candidate = replace(reducer, thresholds=thresholds)
-            with torch.no_grad(), tokred.applied(model, *others, candidate):
-                kl = sum(float((f.exp() * (f - forward(model, b).double().log_softmax(dim=-1))).sum(dim=-1).sum())
-                         for f, b in zip(full, batches)) / sum(len(f) for f in full)
+            kl = kl_to_full(candidate)
             if progress:
                 print(f"ATP calibration, {name} spread: keep fractions {[round(f, 3) for f in fractions]}, "
                       f"KL to full {kl:.4g}")
