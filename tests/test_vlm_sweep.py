@@ -66,6 +66,7 @@ def test_scoring_rules_by_hand():
     assert vs.score(words, "1 empty 9 4 ; extra") == (3, 4, False)
     assert vs.score(words, "1 empty 3 4 ;") == (4, 4, True)
     assert vs.score(words, "1") == (1, 4, False)
+    assert vs.scored_part(last, "9 empty ; 3 + 4 = 7") == "7" and vs.scored_part(words, "1 empty") == "1 empty"
 
 
 def test_wilson_interval():
@@ -159,6 +160,8 @@ def test_evals_sweep_vlm_runs_tokred_sweep(tmp_path):
     report = json.loads((tmp_path / vs.JSON_NAME).read_text())
     assert [r["spec"] for r in report["results"]] == ["none", "divprune:keep=0.25", "pool:stride=2/stage=projector"]
     assert report["families"] == ["describe", "cell"] and report["questions"] == 6
+    none = report["results"][0]["families"]
+    assert none["describe"]["agreement"] == none["cell"]["agreement"] == 1.0  # last_word: the last words agree
 
 
 def test_the_readme_question_file_example_reads(tmp_path):

@@ -2,7 +2,7 @@
 
 Every setting (reducer spec) answers every question of a question file greedily; the report gives,
 per setting and question family, the accuracy with a 95% Wilson interval and the agreement with the
-unreduced model's answers (the unreduced answer scored as if it were the truth), and per setting the prefill FLOPs ratio (:func:`tokred.flops`, reduced /
+unreduced model's answers (the part of the unreduced answer that is scored, taken as the truth), and per setting the prefill FLOPs ratio (:func:`tokred.flops`, reduced /
 unreduced, on the first batch) and the time-to-first-token ratio (the prefill of the first batch,
 timed in interleaved rounds in one process, median; noisy on shared CPUs).
 
@@ -115,6 +115,11 @@ def normalise(text: str) -> str:
     return " ".join(text.lower().split()).removesuffix(".").strip()
 
 
+def scored_part(question: Question, generated: str) -> str:
+    """What :func:`score` compares of a generated answer: its last word (``last_word``), else all of it."""
+    return " ".join(normalise(generated).split()[-1:]) if question.score == "last_word" else generated
+
+
 def score(question: Question, generated: str) -> tuple[int, int, bool]:
     """(credit, out of, exact) of one generated answer: ``words`` credits each answer word in order,
     the other rules give 1 or 0 out of 1."""
@@ -224,10 +229,46 @@ def prefill_seconds(model, inputs: dict, settings, rounds: int) -> list[float]:
     return [statistics.median(t) for t in times]
 
 
+def visual_tokens(model, trace, inputs: dict, questions: list[Question]) -> tuple[list[int], list[int]] | None:
+    """Per question, the visual tokens entering the language model and those left at its last layer,
+    from the prefill's ``trace``: entering = the ``projector`` record's count per image (summed over a
+    question's images); at the last layer = that minus what ``llm``-stage plans removed (each sample's
+    length after the last plan minus its text tokens, which are never pruned). None when the trace
+    has no per-image count for every question (e.g. no projector record)."""
+    projector = [r for r in trace.layers if r.stage == "projector"] if trace is not None else []
+    if not projector:
+        return None
+    record = projector[-1]
+    per_image = record.tokens_per_image or [record.tokens_out // trace.batch_size] * trace.batch_size
+    images = [len(q.images) + bool(q.frames) for q in questions]
+    if len(per_image) != sum(images):
+        return None
+    starts = [sum(images[:i]) for i in range(len(images))]
+    entering = [sum(per_image[s:s + n]) for s, n in zip(starts, images)]
+    ids = [getattr(model.config, name, None) for name in ("image_token_id", "image_token_index", "video_token_id")]
+    prompt_visual = sum((inputs["input_ids"] == i).sum(1) for i in set(ids) if i is not None)
+    text = (inputs["attention_mask"].sum(1) - prompt_visual).tolist()
+    last = entering
+    for rec in trace.layers:
+        if rec.stage == "llm" and rec.tokens_per_image is not None:
+            last = [n - t for n, t in zip(rec.tokens_per_image, text)]
+    return entering, last
+
+
+def per_image_flops(model, processor, questions: list[Question]) -> float:
+    """Mean analytic prefill FLOPs of ``questions``, each run alone (no padding: what an image costs
+    when its budget differs from its neighbours')."""
+    import tokred
+
+    return statistics.mean(tokred.flops(model, **model_inputs(processor, [q], model.device)).total for q in questions)
+
+
 def run(model, processor, questions: list[Question], settings, batch_size: int = 32, max_new_tokens: int = 32,
-        rounds: int = 5, progress: bool = True) -> dict:
+        rounds: int = 5, progress: bool = True, flops_sample: int = 16) -> dict:
     """Answers and scores of every setting ``[(family, spec, keep, reducers)]`` (the unreduced model is
-    added first), the FLOPs and prefill-time ratios; the report :func:`main` writes."""
+    added first), the FLOPs and prefill-time ratios, the visual tokens per question (mean and
+    population std over all questions, see :func:`visual_tokens`) and the per-image FLOPs ratio (mean
+    over ``flops_sample`` questions evenly spread over the file, each alone); the report :func:`main` writes."""
     import torch
     from tqdm import tqdm
 
@@ -237,6 +278,7 @@ def run(model, processor, questions: list[Question], settings, batch_size: int =
     batches = [questions[i:i + batch_size] for i in range(0, len(questions), batch_size)]
     families = list(dict.fromkeys(q.family for q in questions))
     probe = model_inputs(processor, batches[0], model.device)
+    sample = questions[::max(1, math.ceil(len(questions) / flops_sample))]
     seconds = prefill_seconds(model, probe, [(s[1], s[3]) for s in settings], rounds)
     bar = tqdm(total=len(settings) * len(batches), desc="sweep", unit="batch", disable=not progress)
     rows, full_answers = [], None
@@ -247,34 +289,62 @@ def run(model, processor, questions: list[Question], settings, batch_size: int =
             trace = tokred.last_trace(model)
             llm = trace.tokens("llm") if trace is not None else []
             report = tokred.flops(model, **probe)
-            answers = []
+            alone = per_image_flops(model, processor, sample)
+            answers, entering, last = [], [], []
             for batch in batches:
-                answers += generate(model, processor, model_inputs(processor, batch, model.device), max_new_tokens)
+                inputs = model_inputs(processor, batch, model.device)
+                answers += generate(model, processor, inputs, max_new_tokens)
+                counts = visual_tokens(model, tokred.last_trace(model), inputs, batch)   # the prefill's trace
+                if counts is not None:
+                    entering += counts[0]
+                    last += counts[1]
                 bar.update()
         if full_answers is None:
-            full_answers, full_flops, full_seconds = answers, report.total, prefill
+            full_answers, full_flops, full_seconds, full_alone = answers, report.total, prefill, alone
         per_family = {}
         for name in families:
             mine = [(q, a, b) for q, a, b in zip(questions, answers, full_answers) if q.family == name]
             scored = [score(q, a) for q, a, _ in mine]
             credit, total = sum(s[0] for s in scored), sum(s[1] for s in scored)
-            agreed = [score(replace(q, answer=b), a) for q, a, b in mine]
+            agreed = [score(replace(q, answer=scored_part(q, b)), a) for q, a, b in mine]
             per_family[name] = {"n": len(mine), "accuracy": credit / total, "ci95": wilson(credit, total),
                                 "exact_match": sum(s[2] for s in scored) / len(mine),
                                 "agreement": sum(s[0] for s in agreed) / sum(s[1] for s in agreed)}
         rows.append({"family": family, "spec": spec, "keep": keep, "llm_tokens_last_layer": llm[-1] if llm else None,
                      "prefill_gflops": report.total / 1e9, "prefill_gmacs": report.total / 2e9,
-                     "flops_ratio": report.total / full_flops, "prefill_seconds": prefill,
+                     "flops_ratio": report.total / full_flops, "flops_ratio_per_image": alone / full_alone,
+                     "visual_tokens": _spread(entering, last, len(questions)), "prefill_seconds": prefill,
                      "ttft_ratio": prefill / full_seconds, "families": per_family,
                      "answers": answers})
     bar.close()
     return {"families": families, "questions": len(questions), "probe_batch": len(batches[0]),
-            "timing_rounds": rounds, "results": rows}
+            "flops_sample": len(sample), "timing_rounds": rounds, "results": rows}
+
+
+def _spread(entering: list[int], last: list[int], questions: int) -> dict | None:
+    """Mean and population standard deviation of the visual tokens per question (None unless every
+    question was counted)."""
+    if len(entering) != questions:
+        return None
+    return {"mean": statistics.mean(entering), "std": statistics.pstdev(entering),
+            "last_mean": statistics.mean(last), "last_std": statistics.pstdev(last)}
 
 
 # reporting ---------------------------------------------------------------------------------------
+def format_tokens(spread: dict | None) -> str:
+    """Visual tokens per question as ``mean ± std``, with ``→ mean ± std`` at the last LM layer when
+    ``llm``-stage plans removed some; ``?`` when they were not counted."""
+    if spread is None:
+        return "?"
+    text = f"{spread['mean']:.1f} ± {spread['std']:.1f}"
+    if spread["last_mean"] != spread["mean"] or spread["last_std"] != spread["std"]:
+        text += f" → {spread['last_mean']:.1f} ± {spread['last_std']:.1f}"
+    return text
+
+
 def format_markdown(report: dict) -> str:
-    """One row per setting: tokens entering the language model, FLOPs and TTFT ratios, accuracy per
+    """One row per setting: tokens at the last LM layer (the batch's, padded), visual tokens per
+    question (mean ± std), FLOPs ratios (first batch; each image alone) and the TTFT ratio, accuracy per
     family (95% interval) and the mean agreement with the unreduced model."""
     from tokred.cli import tables
 
@@ -284,15 +354,19 @@ def format_markdown(report: dict) -> str:
         cells = [f"{100 * row['families'][f]['accuracy']:.1f} ({100 * row['families'][f]['ci95'][0]:.1f}–"
                  f"{100 * row['families'][f]['ci95'][1]:.1f})" for f in families]
         agreement = statistics.mean(row["families"][f]["agreement"] for f in families)
-        rows.append([row["family"], f"`{row['spec']}`", row["llm_tokens_last_layer"], f"{row['flops_ratio']:.3f}",
-                     f"{row['ttft_ratio']:.2f}", *cells, tables.percent(agreement, 1)])
-    return tables.markdown(rows, ["reducer", "spec", "tokens at the last LM layer", "prefill FLOPs ratio", "TTFT ratio",
+        rows.append([row["family"], f"`{row['spec']}`", row["llm_tokens_last_layer"],
+                     format_tokens(row["visual_tokens"]), f"{row['flops_ratio']:.3f}",
+                     f"{row['flops_ratio_per_image']:.3f}", f"{row['ttft_ratio']:.2f}", *cells,
+                     tables.percent(agreement, 1)])
+    return tables.markdown(rows, ["reducer", "spec", "tokens at the last LM layer", "visual tokens (mean ± std)",
+                                  "prefill FLOPs ratio", "per image", "TTFT ratio",
                                   *(f"{f} % (95% CI)" for f in families), "agreement"],
-                           align="llrrr" + "r" * len(families) + "r")
+                           align="llrrrrr" + "r" * len(families) + "r")
 
 
-def plot(report: dict, path: Path, title: str) -> None:
-    """Accuracy against the prefill FLOPs ratio, one panel per question family, one line per reducer."""
+def plot(report: dict, path: Path, title: str, x: str = "flops_ratio") -> None:
+    """Accuracy against the prefill FLOPs ratio (``x``: a row's ``flops_ratio`` or ``flops_ratio_per_image``),
+    one panel per question family, one line per reducer."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -309,11 +383,11 @@ def plot(report: dict, path: Path, title: str) -> None:
         ax.axhline(100 * full["families"][name]["accuracy"], color="black", linestyle="--", linewidth=1,
                    label="unreduced")
         for k, reducer in enumerate(reducers):
-            points = sorted((r["flops_ratio"], 100 * r["families"][name]["accuracy"])
+            points = sorted((r[x], 100 * r["families"][name]["accuracy"])
                             for r in report["results"] if r["family"] == reducer)
             ax.plot(*zip(*points), "o-", color=colours(k % 10), markersize=3.5, linewidth=1.3, label=reducer)
         ax.set_title(name, fontsize=10)
-        ax.set_xlabel("prefill FLOPs ratio")
+        ax.set_xlabel("prefill FLOPs ratio" + (" (each image alone)" if x == "flops_ratio_per_image" else ""))
         ax.set_ylabel("accuracy (%)")
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(families):]:
