@@ -7,6 +7,10 @@ question family with a 95% Wilson interval (``describe``: per cell, scored word 
 over cells, which are not independent within an image, is too narrow there), agreement with the
 unreduced model, prefill FLOPs and time-to-first-token ratios.
 
+A video checkpoint (``LlavaOnevisionForConditionalGeneration``, ``evals/train_vlm.py --video``) is
+swept on the clip families (``vlm_data.VIDEO_FAMILIES``): each clip is written as its frames' PNGs
+(a ``frames`` record), ``frames`` scored word by word, budgets relative to its 128 frame tokens.
+
 Usage: python evals/sweep_vlm.py [--per-family 2000] [--families describe ...] [tokred sweep options]
   e.g. python evals/sweep_vlm.py --readme            (the README's table and docs/sweep_vlm.png)
        python evals/sweep_vlm.py --per-family 100 --keeps 0.25,0.125
@@ -34,7 +38,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", type=Path, default=assets_dir() / "digits_vlm")
     p.add_argument("--per-family", type=int, default=2000)
-    p.add_argument("--families", nargs="+", default=list(vlm_data.FAMILIES), choices=vlm_data.FAMILIES)
+    p.add_argument("--families", nargs="+", default=None, choices=vlm_data.FAMILIES + vlm_data.VIDEO_FAMILIES,
+                   help="default: every family of the checkpoint's kind (scenes, or clips for a OneVision checkpoint)")
     p.add_argument("--questions-dir", type=Path, default=Path("results/digits_vlm_questions"),
                    help="where the test split is written as a question file")
     p.add_argument("--export", type=Path, default=None,
@@ -55,10 +60,17 @@ def export(folder: Path, counts: dict[str, int], split: str = "test") -> Path:
     lines = []
     for family, count in counts.items():
         for ex in vlm_data.examples(split, family, count):
-            name = f"{family}_{ex.index:04d}.png"
-            Image.fromarray(ex.image).save(images / name)
-            lines.append(json.dumps({"image": f"questions/{name}", "prompt": vlm_data.prompt(ex), "answer": ex.answer,
-                                     "family": family, "score": "words" if family == "describe" else "last_word"}))
+            if isinstance(ex, vlm_data.Clip):   # a clip: one PNG per frame
+                names = [f"{family}_{ex.index:04d}_{t}.png" for t in range(len(ex.frames))]
+                for name, frame in zip(names, ex.frames):
+                    Image.fromarray(frame).save(images / name)
+                where = {"frames": [f"questions/{name}" for name in names]}
+            else:
+                name = f"{family}_{ex.index:04d}.png"
+                Image.fromarray(ex.image).save(images / name)
+                where = {"image": f"questions/{name}"}
+            lines.append(json.dumps({**where, "prompt": vlm_data.prompt(ex), "answer": ex.answer, "family": family,
+                                     "score": "words" if family in vlm_data.DENSE else "last_word"}))
     path = folder / "questions.jsonl"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -66,12 +78,17 @@ def export(folder: Path, counts: dict[str, int], split: str = "test") -> Path:
 
 def main(argv=None) -> int:
     args, rest = parse_args(argv)
+    video = json.loads((args.checkpoint / "config.json").read_text())["model_type"] == "llava_onevision"
+    args.families = args.families or list(vlm_data.VIDEO_FAMILIES if video else vlm_data.FAMILIES)
     if args.export is not None:
-        counts = vlm_data.SLICE if args.slice else {f: args.per_family for f in args.families}
+        chosen = vlm_data.VIDEO_SLICE if video else vlm_data.SLICE
+        counts = chosen if args.slice else {f: args.per_family for f in args.families}
         print(f"wrote {export(args.export, counts)}")
         return 0
     questions = export(args.questions_dir, {f: args.per_family for f in args.families})
-    defaults = ["--out", "results/sweep_vlm", "--batch-size", "100", "--max-new-tokens", str(train_vlm.MAX_NEW_TOKENS)]
+    limit = train_vlm.MAX_NEW_TOKENS_VIDEO if video else train_vlm.MAX_NEW_TOKENS
+    defaults = ["--out", "results/sweep_vlm_video" if video else "results/sweep_vlm", "--batch-size", "100",
+                "--max-new-tokens", str(limit)]
     import torch
 
     torch.set_num_threads(args.threads)

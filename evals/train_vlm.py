@@ -22,6 +22,14 @@ The shipped ``assets/digits_vlm`` is the step-2000 snapshot of the default sched
 3600 steps; 56 minutes on one thread of a busy 2-core CPU): description 97.7% per cell on the
 test split, the question families 28-50% (see assets/digits_vlm/README.md).
 
+``--video`` trains the video model instead: a ``LlavaOnevisionForConditionalGeneration`` with the
+same tower, projector and language model (OneVision pools each frame's 8x8 tokens to 4x4, one token
+per cell: 8 frames x 16 + 1 newline = 129 visual tokens), on the clips of ``vlm_data`` (families
+``frames``, ``last``, ``moved``, ``distinct``; the dense ``frames`` description plays the part of
+``describe``; stage 1's head reads one pooled token per cell). ``--init assets/digits_vlm`` starts it
+from the shipped image model (the vocabulary grows by ``<video>`` and the clips' words, appended so the
+shared ids stay), ``--freeze-tower`` keeps the tower as stage 1 left it (half the step time).
+
 Usage: python evals/train_vlm.py [--out results/train_vlm] [--steps 600 600 3600] [--threads 1]
 Writes <out>/ (config.json, model.safetensors, processor and tokenizer files, training.json), and
 <work>/train.log and <work>/stage1..3/ (default work and out: results/train_vlm/);
@@ -49,14 +57,19 @@ import vlm_data  # noqa: E402
 SEED = 0
 SPECIALS = ("<pad>", "<unk>", "<eos>", "<image>")
 VOCAB = {w: i for i, w in enumerate(SPECIALS + vlm_data.WORDS)}
-PAD, EOS, IMAGE = VOCAB["<pad>"], VOCAB["<eos>"], VOCAB["<image>"]
+#: the video model's vocabulary: the image model's ids unchanged, ``<video>`` and the clips' words appended
+VIDEO_VOCAB = {w: i for i, w in enumerate(SPECIALS + vlm_data.WORDS + ("<video>",) + vlm_data.VIDEO_WORDS)}
+PAD, EOS, IMAGE, VIDEO = VOCAB["<pad>"], VOCAB["<eos>"], VOCAB["<image>"], VIDEO_VOCAB["<video>"]
 PATCH = 12
 NUM_VISUAL = (vlm_data.CANVAS // PATCH) ** 2          # 64
+#: OneVision pools each frame's 8x8 patch grid to 4x4 (one token per cell) and appends one newline token
+NUM_VIDEO = vlm_data.FRAMES * (vlm_data.CANVAS // PATCH // 2) ** 2 + 1   # 129
 TOWER = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
              image_size=vlm_data.CANVAS, patch_size=PATCH, num_channels=3)
 TEXT = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)
 MAX_NEW_TOKENS = 24  # 16 cells + ";" + "a + b = s" + eos
+MAX_NEW_TOKENS_VIDEO = vlm_data.FRAMES * vlm_data.GRID ** 2 + 3   # 128 cells + ";" + answer + eos
 
 
 def parse_args(argv=None):
@@ -83,57 +96,112 @@ def parse_args(argv=None):
                         "the 200-question slice, and record both in DIR/training.json")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads; part of the recipe (summation order depends on it)")
+    p.add_argument("--video", action="store_true",
+                   help="train the video model (LlavaOnevisionForConditionalGeneration) on the clips' families")
+    p.add_argument("--freeze-tower", action="store_true",
+                   help="stages 2 and 3 leave the vision tower as stage 1 made it (half the step time on clips)")
+    p.add_argument("--init", type=Path, default=None, metavar="DIR",
+                   help="start from the image checkpoint in DIR (tower, projector, language model; the video "
+                        "vocabulary's new rows start random), e.g. assets/digits_vlm")
     return p.parse_args(argv)
 
 
 # ---------------------------------------------------------------- model, tokenizer, processor
 
-def build_model():
-    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, Qwen2Config
+def build_model(video: bool = False):
+    """The image model (LLaVA-1.5 layout) or, with ``video``, a LLaVA-OneVision model with the same
+    tower, projector and language model (its anyres image path is configured, one 96x96 tile, but
+    only video is trained)."""
+    from transformers import (CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration,
+                              LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config)
 
-    text = Qwen2Config(vocab_size=len(VOCAB), pad_token_id=PAD, eos_token_id=EOS, bos_token_id=None, **TEXT)
-    config = LlavaConfig(vision_config=CLIPVisionConfig(**TOWER), text_config=text, image_token_id=IMAGE,
-                         vision_feature_layer=-1, vision_feature_select_strategy="default",
-                         projector_hidden_act="gelu", image_seq_length=NUM_VISUAL, tie_word_embeddings=True)
+    vocab = VIDEO_VOCAB if video else VOCAB
+    text = Qwen2Config(vocab_size=len(vocab), pad_token_id=PAD, eos_token_id=EOS, bos_token_id=None, **TEXT)
+    common = dict(vision_config=CLIPVisionConfig(**TOWER), text_config=text, image_token_id=IMAGE,
+                  vision_feature_layer=-1, vision_feature_select_strategy="default", projector_hidden_act="gelu",
+                  tie_word_embeddings=True)
+    if video:
+        side = vlm_data.CANVAS
+        config = LlavaOnevisionConfig(**common, video_token_id=VIDEO, image_grid_pinpoints=[[side, side]],
+                                      vision_aspect_ratio="anyres_max_1")
+    else:
+        config = LlavaConfig(**common, image_seq_length=NUM_VISUAL)
     config.pad_token_id, config.eos_token_id = PAD, EOS
-    model = LlavaForConditionalGeneration(config)
+    model = (LlavaOnevisionForConditionalGeneration if video else LlavaForConditionalGeneration)(config)
     model.generation_config.pad_token_id = PAD
     model.generation_config.eos_token_id = EOS
     model.generation_config.bos_token_id = None
     return model
 
 
-def build_processor():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
+def init_from(model, path: Path):
+    """Copy the image checkpoint at ``path`` into ``model`` (tower, projector, language model; the
+    embedding rows of words both vocabularies share, which have the same ids)."""
+    from transformers import AutoModelForImageTextToText
 
-    raw = Tokenizer(models.WordLevel(VOCAB, unk_token="<unk>"))
+    source = AutoModelForImageTextToText.from_pretrained(path, local_files_only=True)
+    for name in ("vision_tower", "multi_modal_projector"):
+        getattr(model.model, name).load_state_dict(getattr(source.model, name).state_dict())
+    weights = source.model.language_model.state_dict()
+    embed = weights.pop("embed_tokens.weight")
+    target = model.model.language_model
+    missing, unexpected = target.load_state_dict(weights, strict=False)
+    if missing != ["embed_tokens.weight"] or unexpected:
+        raise ValueError(f"{path} does not match the video model's language model: {missing}, {unexpected}")
+    with torch.no_grad():
+        target.embed_tokens.weight[:len(embed)] = embed
+
+
+def build_processor(video: bool = False):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import (CLIPImageProcessor, LlavaOnevisionImageProcessor, LlavaOnevisionProcessor,
+                              LlavaOnevisionVideoProcessor, LlavaProcessor, PreTrainedTokenizerFast)
+
+    specials = list(SPECIALS) + (["<video>"] if video else [])
+    raw = Tokenizer(models.WordLevel(VIDEO_VOCAB if video else VOCAB, unk_token="<unk>"))
     raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    raw.add_special_tokens(list(SPECIALS))
+    raw.add_special_tokens(specials)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>", unk_token="<unk>",
                                         eos_token="<eos>", padding_side="left",
                                         model_max_length=TEXT["max_position_embeddings"])
     side = vlm_data.CANVAS
-    images = CLIPImageProcessor(do_resize=False, do_center_crop=False, do_rescale=True, rescale_factor=1 / 255,
-                                do_normalize=True, image_mean=[0.5] * 3, image_std=[0.5] * 3, do_convert_rgb=True,
-                                size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+    scale = dict(do_rescale=True, rescale_factor=1 / 255, do_normalize=True, image_mean=[0.5] * 3,
+                 image_std=[0.5] * 3, do_convert_rgb=True)
+    if video:
+        frames = LlavaOnevisionVideoProcessor(do_resize=False, size={"height": side, "width": side}, **scale)
+        images = LlavaOnevisionImageProcessor(size={"height": side, "width": side}, image_grid_pinpoints=[[side, side]],
+                                              **scale)
+        return LlavaOnevisionProcessor(image_processor=images, tokenizer=tokenizer, video_processor=frames,
+                                       num_image_tokens=NUM_VISUAL, vision_feature_select_strategy="default",
+                                       image_token="<image>", video_token="<video>", vision_aspect_ratio="anyres_max_1")
+    images = CLIPImageProcessor(do_resize=False, do_center_crop=False, size={"shortest_edge": side},
+                                crop_size={"height": side, "width": side}, **scale)
     return LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=PATCH,
                           vision_feature_select_strategy="default", num_additional_image_tokens=1,
                           image_token="<image>")
 
 
 def pixel_values(images: list[np.ndarray]) -> torch.Tensor:
-    """uint8 (96, 96) grey scenes -> (B, 3, 96, 96) as the processor gives them: x / 255, then (x - 0.5) / 0.5."""
+    """uint8 (..., 96, 96) grey scenes or clips -> (..., 3, 96, 96) as the processor gives them: x / 255,
+    then (x - 0.5) / 0.5."""
     x = torch.from_numpy(np.stack(images)).float().mul_(1 / 255).sub_(0.5).div_(0.5)
-    return x[:, None].expand(-1, 3, -1, -1).contiguous()
+    return x.unsqueeze(-3).expand(*x.shape[:-2], 3, *x.shape[-2:]).contiguous()
+
+
+def visual_inputs(batch) -> dict:
+    """The pixel input of a batch of scenes (``pixel_values``) or clips (``pixel_values_videos``)."""
+    if isinstance(batch[0], vlm_data.Clip):
+        return {"pixel_values_videos": pixel_values([ex.frames for ex in batch])}
+    return {"pixel_values": pixel_values([ex.image for ex in batch])}
 
 
 def encode_words(text: str) -> list[int]:
-    return [VOCAB[w] for w in text.split()]
+    return [VIDEO_VOCAB[w] for w in text.split()]
 
 
 def prompt_ids(ex) -> list[int]:
-    return [IMAGE] * NUM_VISUAL + encode_words(ex.question) + [VOCAB["?"]]
+    visual = [VIDEO] * NUM_VIDEO if isinstance(ex, vlm_data.Clip) else [IMAGE] * NUM_VISUAL
+    return visual + encode_words(ex.question) + [VOCAB["?"]]
 
 
 def training_batch(batch, answer_weight: float):
@@ -157,7 +225,7 @@ def training_batch(batch, answer_weight: float):
         # position j predicts token j + 1: the last prompt position predicts the first target word
         labels[i, len(prompt) - 1:len(seq) - 1] = torch.tensor(target)
         weight[i, len(prompt) - 1:len(seq) - 1] = torch.tensor(w)
-    inputs = dict(input_ids=ids, attention_mask=mask, pixel_values=pixel_values([ex.image for ex in batch]))
+    inputs = dict(input_ids=ids, attention_mask=mask, **visual_inputs(batch))
     return inputs, labels, weight
 
 
@@ -167,18 +235,18 @@ def generation_batch(batch):
     width = max(map(len, rows))
     ids = torch.tensor([[PAD] * (width - len(r)) + r for r in rows])
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-    return dict(input_ids=ids, attention_mask=mask, pixel_values=pixel_values([ex.image for ex in batch]))
+    return dict(input_ids=ids, attention_mask=mask, **visual_inputs(batch))
 
 
-INVERSE = {i: w for w, i in VOCAB.items()}
+INVERSE = {i: w for w, i in VIDEO_VOCAB.items()}
 
 
 @torch.no_grad()
 def answer(model, batch) -> list[str]:
     """Greedy answers (the generated target text) for a batch of examples."""
     inputs = generation_batch(batch)
-    out = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, pad_token_id=PAD,
-                         eos_token_id=EOS)
+    limit = MAX_NEW_TOKENS_VIDEO if isinstance(batch[0], vlm_data.Clip) else MAX_NEW_TOKENS
+    out = model.generate(**inputs, max_new_tokens=limit, do_sample=False, pad_token_id=PAD, eos_token_id=EOS)
     new = out[:, inputs["input_ids"].shape[1]:]
     return [" ".join(INVERSE[int(t)] for t in row if int(t) not in (PAD, EOS)) for row in new]
 
@@ -186,25 +254,28 @@ def answer(model, batch) -> list[str]:
 def evaluate(model, split: str, per_family, batch_size: int = 100, families=vlm_data.FAMILIES,
              progress: bool = False) -> dict:
     """Accuracy per family on the first ``per_family`` questions (an int, or a dict by family) of
-    ``split``; ``describe`` is measured per cell (``accuracy``) and per whole grid (``exact_match``)."""
+    ``split``; ``describe`` and ``frames`` are measured per cell (``accuracy``) and per whole
+    description (``exact_match``)."""
     model.eval()
     results = {}
     for family in families:
         n = per_family[family] if isinstance(per_family, dict) else per_family
-        correct = cells = cells_total = 0
+        correct, counts = 0, dict.fromkeys(("cells_correct", "cells", "digits_correct", "digits"), 0)
         items = range(0, n, batch_size)
         for start in tqdm(items, desc=f"{split}/{family}", disable=not progress, file=sys.stdout, leave=False):
             batch = list(vlm_data.examples(split, family, min(batch_size, n - start), start))
             for ex, text in zip(batch, answer(model, batch)):
                 s = vlm_data.score(ex, text)
                 correct += s["correct"]
-                cells += s.get("cells_correct", 0)
-                cells_total += s.get("cells", 0)
+                for key in counts:
+                    counts[key] += s.get(key, 0)
         results[family] = {"n": n, "accuracy": correct / n}
-        if family == "describe":
+        if family in vlm_data.DENSE:
+            cells, cells_total = counts["cells_correct"], counts["cells"]
             results[family]["cell_accuracy"] = cells / cells_total
+            results[family]["digit_cell_accuracy"] = counts["digits_correct"] / counts["digits"]
             results[family]["exact_match"] = correct / n
-            results[family]["accuracy"] = cells / cells_total  # describe is measured per cell
+            results[family]["accuracy"] = cells / cells_total  # a description is measured per cell
     return results
 
 
@@ -219,27 +290,35 @@ def save(model, processor, out: Path, info: dict | None = None):
 # ---------------------------------------------------------------- training
 
 class CellHead(torch.nn.Module):
-    """Stage 1's throwaway head: each cell's 2x2 projected visual tokens -> 11 classes (10 digits, empty)."""
+    """Stage 1's throwaway head: each cell's per x per projected visual tokens -> 11 classes (10 digits,
+    empty). A scene has 2x2 tokens per cell; a clip's frame, pooled by OneVision, has one."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, per: int):
         super().__init__()
-        self.linear = torch.nn.Linear(4 * dim, 11)
+        self.per = per
+        self.linear = torch.nn.Linear(per * per * dim, 11)
 
-    def forward(self, features):  # (B, 64, D), 8x8 patches in raster order
+    def forward(self, features):  # (N, (4 per)^2, D), tokens in raster order
         b, _, d = features.shape
-        side = vlm_data.CANVAS // PATCH
-        per = side // vlm_data.GRID
-        x = features.view(b, vlm_data.GRID, per, vlm_data.GRID, per, d).permute(0, 1, 3, 2, 4, 5)
-        return self.linear(x.reshape(b, vlm_data.GRID * vlm_data.GRID, per * per * d))
+        grid, per = vlm_data.GRID, self.per
+        x = features.view(b, grid, per, grid, per, d).permute(0, 1, 3, 2, 4, 5)
+        return self.linear(x.reshape(b, grid * grid, per * per * d))
 
 
-def image_features(model, pixels):
-    features = model.model.get_image_features(pixel_values=pixels, return_dict=True).pooler_output
+def cell_features(model, batch):
+    """Projected visual tokens, (N, tokens, D): one row per scene, or per frame of a clip (the
+    video's trailing newline token dropped)."""
+    inputs = visual_inputs(batch)
+    if "pixel_values_videos" in inputs:
+        features = model.model.get_video_features(**inputs, return_dict=True).pooler_output
+        return features[:, :-1].reshape(len(batch) * vlm_data.FRAMES, vlm_data.GRID ** 2, -1)
+    features = model.model.get_image_features(**inputs, return_dict=True).pooler_output
     return torch.stack(list(features)) if isinstance(features, (list, tuple)) else features
 
 
 def cell_labels(batch):
-    return torch.tensor([[10 if d < 0 else d for d in ex.grid] for ex in batch])
+    grids = [g for ex in batch for g in (ex.grids if isinstance(ex, vlm_data.Clip) else (ex.grid,))]
+    return torch.tensor([[10 if d < 0 else d for d in g] for g in grids])
 
 
 def lr_schedule(optimizer, steps: int, warmup: int):
@@ -252,12 +331,13 @@ def lr_schedule(optimizer, steps: int, warmup: int):
 
 def run_stage(stage: int, model, args, draw, log) -> list[dict]:
     steps, lr = args.steps[stage - 1], args.lr[stage - 1]
-    head = CellHead(model.config.text_config.hidden_size) if stage == 1 else None
+    head = CellHead(model.config.text_config.hidden_size, 1 if args.video else 2) if stage == 1 else None
+    model.model.vision_tower.requires_grad_(stage == 1 or not args.freeze_tower)
     params = list(model.model.vision_tower.parameters()) + list(model.model.multi_modal_projector.parameters()) \
-        + list(head.parameters()) if stage == 1 else list(model.parameters())
+        + list(head.parameters()) if stage == 1 else [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay)
     scheduler = lr_schedule(optimizer, steps, args.warmup)
-    families = ("describe",) if stage == 2 else vlm_data.FAMILIES
+    families = args.families[:1] if stage == 2 else args.families   # stage 2: the dense family
     history = []
     model.train()
     bar = tqdm(range(steps), desc=f"stage {stage}", unit="step", file=sys.stdout, mininterval=10)
@@ -265,7 +345,7 @@ def run_stage(stage: int, model, args, draw, log) -> list[dict]:
     for step in bar:
         batch = draw(families, args.batch_size)
         if stage == 1:
-            logits = head(image_features(model, pixel_values([ex.image for ex in batch])))
+            logits = head(cell_features(model, batch))
             labels = cell_labels(batch)
             loss = F.cross_entropy(logits.reshape(-1, 11), labels.reshape(-1))
             acc = (logits.argmax(-1) == labels).float().mean().item()
@@ -289,8 +369,10 @@ def run_stage(stage: int, model, args, draw, log) -> list[dict]:
             log(f"stage {stage} step {step + 1}/{steps} loss {running:.4f} acc {acc:.3f}")
         if stage == 3 and args.save_every and (step + 1) % args.save_every == 0 and step + 1 < steps:
             save(model, args.processor, args.work / "stage3")
-            probe = evaluate(model, "val", 50)
+            probe = evaluate(model, "val", 50, families=args.families)
             history.append({"step": step + 1, "val50": {f: round(r["accuracy"], 3) for f, r in probe.items()}})
+            history[-1]["val50"].update({f"{f}_digit_cells": round(r["digit_cell_accuracy"], 3)
+                                         for f, r in probe.items() if f in vlm_data.DENSE})
             log(f"stage 3 step {step + 1} val (50 per family): {json.dumps(history[-1]['val50'])}")
             model.train()
         if stage == 3 and args.stop_after and step + 1 == args.stop_after:
@@ -299,21 +381,22 @@ def run_stage(stage: int, model, args, draw, log) -> list[dict]:
     model.eval()
     if stage == 1:
         with torch.no_grad():
-            val = [vlm_data.example("val", "describe", i) for i in range(500)]
-            logits = head(image_features(model, pixel_values([ex.image for ex in val])))
+            val = list(vlm_data.examples("val", args.families[0], 100 if args.video else 500))
+            logits = head(cell_features(model, val))
             cell_acc = (logits.argmax(-1) == cell_labels(val)).float().mean().item()
         return history, {"val_cell_accuracy_head": cell_acc}
-    return history, evaluate(model, "val", args.val_per_family)
+    return history, evaluate(model, "val", args.val_per_family, families=args.families)
 
 
-def measure(model, info: dict, test_per_family: int) -> dict:
+def measure(model, info: dict, test_per_family: int, video: bool = False) -> dict:
     """Test-split accuracy (``test_per_family`` per family) and the CI slice's, into ``info``."""
+    families, chosen = (vlm_data.VIDEO_FAMILIES, vlm_data.VIDEO_SLICE) if video else (vlm_data.FAMILIES, vlm_data.SLICE)
     if test_per_family:
         start = time.perf_counter()
-        info["test"] = evaluate(model, "test", test_per_family, progress=True)
+        info["test"] = evaluate(model, "test", test_per_family, families=families, progress=True)
         info["test_seconds"] = round(time.perf_counter() - start, 1)
         print(f"test: {json.dumps(info['test'])}", flush=True)
-    info["slice200"] = {f: r["accuracy"] for f, r in evaluate(model, "test", vlm_data.SLICE).items()}
+    info["slice200"] = {f: r["accuracy"] for f, r in evaluate(model, "test", chosen, families=families).items()}
     print(f"slice200: {json.dumps(info['slice200'])}", flush=True)
     return info
 
@@ -321,10 +404,11 @@ def measure(model, info: dict, test_per_family: int) -> dict:
 def evaluate_checkpoint(path: Path, test_per_family: int) -> int:
     from transformers import AutoModelForImageTextToText
 
-    model = AutoModelForImageTextToText.from_pretrained(path).eval()
+    model = AutoModelForImageTextToText.from_pretrained(path, local_files_only=True).eval()
     record = path / "training.json"
     info = json.loads(record.read_text()) if record.exists() else {}
-    record.write_text(json.dumps(measure(model, info, test_per_family), indent=2) + "\n")
+    video = model.config.model_type == "llava_onevision"
+    record.write_text(json.dumps(measure(model, info, test_per_family, video), indent=2) + "\n")
     print(f"wrote {record}")
     return 0
 
@@ -346,8 +430,11 @@ def main(argv=None) -> int:
         log_file.write(f"{time.strftime('%H:%M:%S')} {message}\n")
         log_file.flush()
 
-    model = build_model()
-    processor = build_processor()
+    args.families = vlm_data.VIDEO_FAMILIES if args.video else vlm_data.FAMILIES
+    model = build_model(args.video)
+    if args.init is not None:
+        init_from(model, args.init)
+    processor = build_processor(args.video)
     args.processor = processor
     rng = np.random.default_rng(SEED)
     counter = [0]
@@ -356,18 +443,22 @@ def main(argv=None) -> int:
         batch = []
         for _ in range(n):
             family = families[int(rng.integers(len(families)))]
-            batch.append(vlm_data.example("train", family, counter[0]))
+            batch.append(vlm_data.get("train", family, counter[0]))
             counter[0] += 1
         return batch
 
     n_params = sum(p.numel() for p in model.parameters())
     log(f"start: {n_params} parameters, steps {args.steps}, batch {args.batch_size}")
-    info = {"model": "transformers.LlavaForConditionalGeneration", "parameters": n_params,
-            "tower": TOWER, "text": TEXT, "visual_tokens": NUM_VISUAL, "vocab": len(VOCAB),
-            "data": "evals/vlm_data.py (scikit-learn load_digits scenes)", "prompt": vlm_data.PROMPT,
+    info = {"model": f"transformers.{type(model).__name__}", "parameters": n_params,
+            "tower": TOWER, "text": TEXT, "visual_tokens": NUM_VIDEO if args.video else NUM_VISUAL,
+            "vocab": len(model.get_input_embeddings().weight),
+            "data": f"evals/vlm_data.py (scikit-learn load_digits {'clips' if args.video else 'scenes'})",
+            "prompt": vlm_data.VIDEO_PROMPT if args.video else vlm_data.PROMPT,
+            "init": str(args.init) if args.init else None,
             "training": {"seed": SEED, "threads": args.threads, "batch_size": args.batch_size, "steps": args.steps,
                          "lr": args.lr, "weight_decay": args.weight_decay, "warmup": args.warmup,
                          "answer_weight": args.answer_weight, "clip_grad": args.clip_grad,
+                         "freeze_tower": args.freeze_tower,
                          "stop_after": args.stop_after,
                          "optimizer": "AdamW", "schedule": "per stage: linear warm-up, cosine to 0.1 x lr",
                          "torch": torch.__version__},
@@ -379,14 +470,14 @@ def main(argv=None) -> int:
         seconds = time.perf_counter() - start
         total += seconds
         done = args.steps[stage - 1] if stage < 3 or not args.stop_after else min(args.stop_after, args.steps[2])
-        info["stages"].append({"stage": stage, "name": ("tower", "describe", "questions")[stage - 1],
+        info["stages"].append({"stage": stage, "name": ("tower", args.families[0], "questions")[stage - 1],
                                "steps": done, "schedule_steps": args.steps[stage - 1], "seconds": round(seconds, 1),
                                "examples_seen": counter[0], "val": measured, "loss_history": history})
         log(f"stage {stage} done in {seconds:.0f} s: {json.dumps(measured)}")
         print(f"stage {stage} done in {seconds:.0f} s: {json.dumps(measured)}", flush=True)
         save(model, processor, args.work / f"stage{stage}", info)
     info["train_seconds"] = round(total, 1)
-    measure(model, info, args.test_per_family)
+    measure(model, info, args.test_per_family, args.video)
     log(f"test: {json.dumps(info.get('test'))}, slice200: {json.dumps(info['slice200'])}")
     save(model, processor, args.out, info)
     log(f"saved {args.out}")

@@ -32,6 +32,12 @@ The model answers every question the same way (the *target*): it first writes th
 then ``;``, then the answer — ``sum`` also writes the two addends: ``3 + 5 = 8``. Only the final
 word is scored as the answer (:func:`score`); the description family is scored per cell and as a
 whole grid.
+
+Video clips (:func:`clip`, ``VIDEO_FAMILIES``, their own scene seeds ``VIDEO_SPLITS`` and the same
+digit-image splits): 8 frames of the same canvas and grid, 2 to 4 digit objects (distinct digits) that
+appear, make one or two one-cell steps in one direction and may disappear; static distractors, fresh
+noise per frame. Every target is the per-frame description (8 x 16 cells) before the answer, so the
+dense ``frames`` family is the reading the temporal questions (``last``, ``moved``, ``distinct``) rest on.
 """
 from __future__ import annotations
 
@@ -121,11 +127,21 @@ def render_scene(rng: np.random.Generator, split: str) -> tuple[np.ndarray, tupl
         choices = np.flatnonzero(labels == digit)
         image = images[choices[int(rng.integers(len(choices)))]]
         dy, dx = (int(v) for v in rng.integers(0, CELL - DIGIT + 1, size=2))
-        y, x = (cell // GRID) * CELL + dy, (cell % GRID) * CELL + dx
-        patch = canvas[y:y + DIGIT, x:x + DIGIT]
-        np.maximum(patch, image * rng.uniform(0.7, 1.0), out=patch)
+        _paste(canvas, image * rng.uniform(0.7, 1.0), int(cell), dy, dx)
         grid[int(cell)] = digit
-    empty = [c for c in range(GRID * GRID) if grid[c] < 0]
+    _draw_distractors(rng, canvas, [c for c in range(GRID * GRID) if grid[c] < 0])
+    return _finish(rng, canvas), tuple(grid)
+
+
+def _paste(canvas: np.ndarray, digit: np.ndarray, cell: int, dy: int, dx: int) -> None:
+    """Draw a 16x16 digit (maximum blend) at offset (dy, dx) inside ``cell``."""
+    y, x = (cell // GRID) * CELL + dy, (cell % GRID) * CELL + dx
+    patch = canvas[y:y + DIGIT, x:x + DIGIT]
+    np.maximum(patch, digit, out=patch)
+
+
+def _draw_distractors(rng: np.random.Generator, canvas: np.ndarray, empty: list[int]) -> None:
+    """0 to ``MAX_DISTRACTORS`` of the ``empty`` cells get a dot or a short dash (not a digit)."""
     for cell in rng.choice(empty, size=int(rng.integers(0, MAX_DISTRACTORS + 1)), replace=False):
         value = rng.uniform(0.5, 1.0)
         if rng.random() < 0.5:   # a dot, 2-3 px square
@@ -135,9 +151,12 @@ def render_scene(rng: np.random.Generator, split: str) -> tuple[np.ndarray, tupl
         y = (cell // GRID) * CELL + int(rng.integers(2, CELL - h - 1))
         x = (cell % GRID) * CELL + int(rng.integers(2, CELL - w - 1))
         canvas[y:y + h, x:x + w] = np.maximum(canvas[y:y + h, x:x + w], value)
-    canvas += rng.normal(0.0, NOISE, size=canvas.shape)
-    image = np.rint(np.clip(canvas, 0.0, 1.0) * 255).astype(np.uint8)
-    return image, tuple(grid)
+
+
+def _finish(rng: np.random.Generator, canvas: np.ndarray) -> np.ndarray:
+    """Add the faint noise and quantise to uint8."""
+    canvas = canvas + rng.normal(0.0, NOISE, size=canvas.shape)
+    return np.rint(np.clip(canvas, 0.0, 1.0) * 255).astype(np.uint8)
 
 
 def describe(grid) -> str:
@@ -206,14 +225,19 @@ def example(split: str, family: str, index: int) -> Example:
     return Example(split, family, int(index), image, grid, question, target, answer)
 
 
+def get(split: str, family: str, index: int):
+    """Item ``index`` of ``family``: an :class:`Example` (a scene), or a :class:`Clip` for the video families."""
+    return (clip if family in VIDEO_FAMILIES else example)(split, family, index)
+
+
 def examples(split: str, family: str, count: int, start: int = 0):
-    """Lazily, examples ``start`` .. ``start + count - 1`` of one family."""
+    """Lazily, items ``start`` .. ``start + count - 1`` of one family (see :func:`get`)."""
     for i in range(start, start + count):
-        yield example(split, family, i)
+        yield get(split, family, i)
 
 
-def prompt(ex: Example) -> str:
-    return PROMPT.format(question=ex.question)
+def prompt(ex) -> str:
+    return (VIDEO_PROMPT if isinstance(ex, Clip) else PROMPT).format(question=ex.question)
 
 
 def parse(generated: str) -> tuple[list[str], str]:
@@ -227,12 +251,145 @@ def parse(generated: str) -> tuple[list[str], str]:
     return desc, (rest[-1] if rest else "")
 
 
-def score(ex: Example, generated: str) -> dict:
-    """Scores of one generated target: ``correct`` (the answer, or the whole grid for ``describe``)
-    and, for ``describe``, ``cells_correct`` out of 16."""
+def score(ex, generated: str) -> dict:
+    """Scores of one generated target (of an :class:`Example` or a :class:`Clip`): ``correct`` (the
+    answer, or the whole description for the dense families ``describe`` and ``frames``) and, for
+    those, ``cells_correct`` out of ``cells`` (16 per image, 16 per frame of a clip) and
+    ``digits_correct`` out of ``digits``, the cells that hold a digit (most cells of a clip are
+    empty, so writing ``empty`` everywhere scores high per cell and 0 here)."""
     desc, answer = parse(generated)
-    if ex.family == "describe":
+    if ex.family in DENSE:
         truth = ex.answer.split()
         cells = sum(a == b for a, b in zip(desc, truth))
-        return {"correct": desc == truth, "cells_correct": cells, "cells": len(truth)}
+        digits = sum(a == b for a, b in zip(desc, truth) if b != EMPTY)
+        return {"correct": desc == truth, "cells_correct": cells, "cells": len(truth), "digits_correct": digits,
+                "digits": sum(b != EMPTY for b in truth)}
     return {"correct": answer == ex.answer}
+
+
+# ---------------------------------------------------------------- video clips
+
+FRAMES = 8                  # frames per clip
+MIN_OBJECTS, MAX_OBJECTS = 2, 4
+MIN_LIFE = 3                # frames an object stays visible, at least
+MAX_MOVES = 2               # cell steps an object makes, 1 or 2, all in one direction
+VIDEO_FAMILIES = ("frames", "last", "moved", "distinct")
+VIDEO_SPLITS = {"train": 21, "val": 22, "test": 23}   # clip seeds per split
+STEPS = {"up": -GRID, "down": GRID, "left": -1, "right": 1}   # a move's change of cell index
+VIDEO_WORDS = ("video", "appeared", "last", "way", "did", "move", "distinct", "digits", "up", "down", "right")
+VIDEO_PROMPT = "<video> {question} ?"
+#: the fixed slice of the clips' test split a CI test scores: the first n clips per family
+VIDEO_SLICE = {"frames": 20, "last": 30, "moved": 30, "distinct": 30}
+DENSE = ("describe", "frames")   # families scored per cell
+
+
+@dataclasses.dataclass(frozen=True)
+class Clip:
+    split: str
+    family: str
+    index: int
+    frames: np.ndarray         # (FRAMES, 96, 96) uint8
+    grids: tuple               # per frame, 16 cells in raster order: digit 0..9 or -1 (empty)
+    objects: tuple             # per object: (digit, first frame, end frame (exclusive), direction)
+    question: str
+    target: str                # the per-frame description ; answer
+    answer: str                # the scored word (for ``frames``: the description)
+
+
+def _starts(direction: str, back: str, forth: str, moves: int) -> range:
+    """Start rows (or columns) from which ``moves`` steps in ``direction`` stay inside the grid."""
+    return range(moves, GRID) if direction == back else range(GRID - moves) if direction == forth else range(GRID)
+
+
+def _tracks(rng: np.random.Generator) -> tuple[tuple, list[list[int]]]:
+    """Objects of one clip and each one's cell per frame (-1: not visible), drawn until valid:
+    distinct digits, no two objects in one cell in one frame, and one object appears strictly
+    after all others (and after frame 1), so "which digit appeared last" has one answer."""
+    n = int(rng.integers(MIN_OBJECTS, MAX_OBJECTS + 1))   # drawn once, so the counts stay uniform
+    while True:
+        objects, cells = [], []
+        for digit in rng.choice(10, size=n, replace=False):
+            first = int(rng.integers(0, FRAMES - MIN_LIFE + 1))
+            end = int(rng.integers(first + MIN_LIFE, FRAMES + 1))
+            direction = tuple(STEPS)[int(rng.integers(len(STEPS)))]
+            moves = int(rng.integers(1, MAX_MOVES + 1))
+            moved_at = set(int(f) for f in rng.choice(np.arange(first + 1, end), size=moves, replace=False))
+            rows, cols = _starts(direction, "up", "down", moves), _starts(direction, "left", "right", moves)
+            cell = int(rows[int(rng.integers(len(rows)))]) * GRID + int(cols[int(rng.integers(len(cols)))])
+            track = []
+            for frame in range(FRAMES):
+                cell += STEPS[direction] if frame in moved_at else 0
+                track.append(cell if first <= frame < end else -1)
+            objects.append((int(digit), first, end, direction))
+            cells.append(track)
+        starts = sorted(o[1] for o in objects)
+        clash = any(len(set(occupied)) < len(occupied)
+                    for occupied in ([t[f] for t in cells if t[f] >= 0] for f in range(FRAMES)))
+        if not clash and starts[-1] > starts[-2]:
+            return tuple(objects), cells
+
+
+def render_clip(rng: np.random.Generator, split: str) -> tuple[np.ndarray, tuple, tuple]:
+    """One clip: (FRAMES x 96 x 96 uint8 frames, per-frame 16-cell grids, objects). Each object is one
+    digit image drawn like the scenes' (same size, offset inside its cell and intensity in every
+    frame); distractors stay in cells no object ever visits; every frame has its own noise."""
+    images, labels, _ = digit_pools()[split]
+    objects, cells = _tracks(rng)
+    background = np.zeros((CANVAS, CANVAS), dtype=np.float64)
+    looks = []
+    for digit, *_ in objects:
+        choices = np.flatnonzero(labels == digit)
+        image = images[choices[int(rng.integers(len(choices)))]] * rng.uniform(0.7, 1.0)
+        looks.append((image, *(int(v) for v in rng.integers(0, CELL - DIGIT + 1, size=2))))
+    visited = {c for track in cells for c in track}
+    _draw_distractors(rng, background, [c for c in range(GRID * GRID) if c not in visited])
+    frames, grids = [], []
+    for f in range(FRAMES):
+        canvas, grid = background.copy(), [-1] * (GRID * GRID)
+        for (digit, *_), track, (image, dy, dx) in zip(objects, cells, looks):
+            if track[f] >= 0:
+                _paste(canvas, image, track[f], dy, dx)
+                grid[track[f]] = digit
+        frames.append(_finish(rng, canvas))
+        grids.append(tuple(grid))
+    return np.stack(frames), tuple(grids), objects
+
+
+def _clip_question(rng: np.random.Generator, family: str, objects: tuple) -> tuple[str, str]:
+    """(question, answer) of a temporal family; objects are (digit, first, end, direction)."""
+    if family == "last":
+        return "which digit appeared last", str(max(objects, key=lambda o: o[1])[0])
+    if family == "moved":
+        digit, _, _, direction = objects[int(rng.integers(len(objects)))]
+        return f"which way did {digit} move", direction
+    if family == "distinct":
+        return "how many distinct digits appeared", str(len(objects))
+    raise ValueError(f"unknown video family {family!r}; expected one of {VIDEO_FAMILIES}")
+
+
+def clip(split: str, family: str, index: int) -> Clip:
+    """Clip ``index`` of video ``family`` in ``split``: a pure function of its arguments.
+
+    Families (``VIDEO_FAMILIES``); every target is the per-frame description (``FRAMES`` x 16 cells,
+    frame by frame, raster order), ``;``, then the answer:
+
+    - ``frames``    "describe the video" -> the per-frame description
+    - ``last``      "which digit appeared last" -> the digit whose first frame is the latest (unique, > 1)
+    - ``moved``     "which way did 7 move" -> ``up`` / ``down`` / ``left`` / ``right`` (every object
+      makes 1 or 2 one-cell steps in one direction while visible)
+    - ``distinct``  "how many distinct digits appeared" -> 2..4 (objects are distinct digits, and
+      they need not all be visible in one frame)
+    """
+    if split not in VIDEO_SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {tuple(VIDEO_SPLITS)}")
+    if family not in VIDEO_FAMILIES:
+        raise ValueError(f"unknown video family {family!r}; expected one of {VIDEO_FAMILIES}")
+    rng = np.random.default_rng([VIDEO_SPLITS[split], VIDEO_FAMILIES.index(family), int(index)])
+    frames, grids, objects = render_clip(rng, split)
+    description = " ".join(describe(g) for g in grids)
+    if family == "frames":
+        question, answer, target = "describe the video", description, description + " ;"
+    else:
+        question, answer = _clip_question(rng, family, objects)
+        target = f"{description} ; {answer}"
+    return Clip(split, family, int(index), frames, grids, objects, question, target, answer)

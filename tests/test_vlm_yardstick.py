@@ -81,6 +81,129 @@ def test_scoring_rejects_wrong_answers():
     assert not s["correct"] and s["cells_correct"] == 15
 
 
+# video clips --------------------------------------------------------------------------------------
+
+#: sha256 of the first 3 test clips of every video family (frame bytes, question, target, answer)
+GOLDEN_CLIPS = "8e91e40f4b98b517b26a94c234fa1e945c5d387d90cbe14f9748cf37885ace6f"
+
+
+def _clip_digest(split="test", count=3):
+    h = hashlib.sha256()
+    for family in vlm_data.VIDEO_FAMILIES:
+        for ex in vlm_data.examples(split, family, count):
+            h.update(ex.frames.tobytes())
+            h.update(f"{ex.question}|{ex.target}|{ex.answer}".encode())
+    return h.hexdigest()
+
+
+def test_clips_are_deterministic_and_splits_differ():
+    assert _clip_digest() == _clip_digest() == GOLDEN_CLIPS
+    a, b = vlm_data.clip("train", "moved", 4321), vlm_data.get("train", "moved", 4321)
+    assert a.frames.tobytes() == b.frames.tobytes() and a.target == b.target
+    assert a.frames.shape == (vlm_data.FRAMES, vlm_data.CANVAS, vlm_data.CANVAS) and a.frames.dtype == np.uint8
+    firsts = {s: vlm_data.clip(s, "frames", 0).frames.tobytes() for s in vlm_data.VIDEO_SPLITS}
+    assert len(set(firsts.values())) == 3
+    assert vlm_data.clip("test", "last", 0).frames.tobytes() != vlm_data.clip("test", "last", 1).frames.tobytes()
+    with pytest.raises(ValueError, match="unknown video family"):
+        vlm_data.clip("test", "describe", 0)
+    with pytest.raises(ValueError, match="unknown split"):
+        vlm_data.clip("dev", "last", 0)
+
+
+def _tracks_from_grids(grids):
+    """Brute force from the per-frame grids alone: digit -> [(frame, cell), ...]."""
+    seen = {}
+    for frame, grid in enumerate(grids):
+        for cell, digit in enumerate(grid):
+            if digit >= 0:
+                seen.setdefault(digit, []).append((frame, cell))
+    return seen
+
+
+def test_clip_answers_follow_from_the_frames():
+    """Every answer recomputed from the per-frame grids (not from the generator's objects), and the
+    clip rules: 2-4 distinct digits, each visible for >= 3 consecutive frames, one unique digit per
+    frame, 1-2 one-cell steps in one direction, the last arrival unique and after frame 1."""
+    direction = {(-1, 0): "up", (1, 0): "down", (0, -1): "left", (0, 1): "right"}
+    for family in vlm_data.VIDEO_FAMILIES:
+        for ex in vlm_data.examples("test", family, 40):
+            tracks = _tracks_from_grids(ex.grids)
+            assert 2 <= len(tracks) <= 4 and len(tracks) == len(ex.objects)
+            ways = {}
+            for digit, track in tracks.items():
+                frames = [f for f, _ in track]
+                assert len(frames) >= vlm_data.MIN_LIFE and frames == list(range(frames[0], frames[-1] + 1))
+                steps = set()
+                for (_, a), (_, b) in zip(track, track[1:]):
+                    if a != b:
+                        steps.add((b // 4 - a // 4, b % 4 - a % 4))
+                assert len(steps) == 1 and next(iter(steps)) in direction
+                moves = sum(a != b for (_, a), (_, b) in zip(track, track[1:]))
+                assert 1 <= moves <= vlm_data.MAX_MOVES
+                ways[digit] = direction[next(iter(steps))]
+            firsts = sorted((track[0][0], digit) for digit, track in tracks.items())
+            assert firsts[-1][0] > firsts[-2][0] and firsts[-1][0] >= 1
+            desc, answer = vlm_data.parse(ex.target)
+            assert desc == " ".join(vlm_data.describe(g) for g in ex.grids).split()
+            assert len(desc) == vlm_data.FRAMES * 16
+            assert vlm_data.score(ex, ex.target)["correct"]
+            if family == "last":
+                assert answer == ex.answer == str(firsts[-1][1])
+            if family == "moved":
+                digit = int(ex.question.split()[3])
+                assert answer == ex.answer == ways[digit]
+            if family == "distinct":
+                assert answer == ex.answer == str(len(tracks))
+
+
+def test_clip_frames_show_the_digits_where_the_grids_say():
+    """A cell is bright (a digit's strokes) in a frame exactly when the grid puts a digit there, or
+    a static distractor (at most a 3x6 mark) sits in it."""
+    for ex in vlm_data.examples("val", "frames", 10):
+        for frame, grid in zip(ex.frames, ex.grids):
+            cells = frame.reshape(4, 24, 4, 24).transpose(0, 2, 1, 3).reshape(16, -1)
+            bright = (cells > 150).sum(1)
+            for cell, digit in enumerate(grid):
+                if digit >= 0:
+                    assert bright[cell] >= 10, (ex.index, cell)
+                else:
+                    assert bright[cell] <= 18, (ex.index, cell)
+
+
+def test_dense_scoring_counts_digit_cells():
+    ex = vlm_data.clip("test", "frames", 0)
+    cells = ex.answer.split()
+    blank = " ".join("empty" for _ in cells) + " ;"
+    s = vlm_data.score(ex, blank)
+    assert not s["correct"] and s["digits_correct"] == 0 < s["digits"]
+    assert s["cells_correct"] == s["cells"] - s["digits"]
+    assert vlm_data.score(ex, ex.target)["digits_correct"] == s["digits"]
+
+
+def test_video_model_saves_as_a_hub_onevision(tmp_path):
+    """The video model's layout (random weights, built by evals/train_vlm.py): it round-trips through
+    the Auto classes offline, and the saved processor gives the exact ids and pixels training uses."""
+    import train_vlm
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    torch.manual_seed(0)
+    train_vlm.build_model(video=True).save_pretrained(tmp_path)
+    train_vlm.build_processor(video=True).save_pretrained(tmp_path)
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path, local_files_only=True).eval()
+    processor = AutoProcessor.from_pretrained(tmp_path, local_files_only=True)
+    assert type(model).__name__ == "LlavaOnevisionForConditionalGeneration"
+    batch = [vlm_data.clip("test", f, 0) for f in vlm_data.VIDEO_FAMILIES]
+    mine = train_vlm.generation_batch(batch)
+    theirs = processor(text=[vlm_data.prompt(ex) for ex in batch], videos=[ex.frames[..., None].repeat(3, -1)
+                       for ex in batch], padding=True, return_tensors="pt")
+    assert torch.equal(theirs["input_ids"], mine["input_ids"])
+    assert int((theirs["input_ids"][0] == model.config.video_token_id).sum()) == train_vlm.NUM_VIDEO == 8 * 16 + 1
+    torch.testing.assert_close(theirs["pixel_values_videos"], mine["pixel_values_videos"], atol=1e-6, rtol=0)
+    assert processor.tokenizer.decode(processor.tokenizer(batch[1].target)["input_ids"]) == batch[1].target
+    with torch.no_grad():
+        assert model(**mine).logits.shape[:2] == mine["input_ids"].shape
+
+
 # the checkpoint ------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
