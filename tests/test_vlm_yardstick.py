@@ -289,3 +289,127 @@ def test_removing_tokens_costs_accuracy(shipped):
     with tokred.applied(model, tokred.DivPrune(keep=1 / 16)):
         reduced = cells(_answers(model, processor, batch))
     assert reduced < full - 0.1 * 16 * len(batch)
+
+
+# the video checkpoint ------------------------------------------------------------------------------
+
+VIDEO_CHECKPOINT = assets_dir() / "digits_vlm_video"
+
+
+@pytest.fixture(scope="module")
+def shipped_video():
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_pretrained(VIDEO_CHECKPOINT, local_files_only=True).eval()
+    processor = AutoProcessor.from_pretrained(VIDEO_CHECKPOINT, local_files_only=True)
+    record = json.loads((VIDEO_CHECKPOINT / "training.json").read_text())
+    return model, processor, record
+
+
+def _video_answers(model, processor, batch) -> list[str]:
+    import train_vlm
+
+    inputs = processor(text=[vlm_data.prompt(ex) for ex in batch], videos=[ex.frames[..., None].repeat(3, -1)
+                       for ex in batch], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=train_vlm.MAX_NEW_TOKENS_VIDEO, do_sample=False)
+    return processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def test_video_checkpoint_is_a_hub_style_onevision(shipped_video):
+    model, processor, record = shipped_video
+    assert type(model).__name__ == "LlavaOnevisionForConditionalGeneration"
+    assert sum(p.numel() for p in model.parameters()) == record["parameters"]
+    assert sum(f.stat().st_size for f in VIDEO_CHECKPOINT.iterdir()) <= 25 * 2 ** 20
+    ex = vlm_data.clip("test", "moved", 0)
+    inputs = processor(text=[vlm_data.prompt(ex)], videos=[ex.frames[..., None].repeat(3, -1)], return_tensors="pt")
+    assert int((inputs["input_ids"] == model.config.video_token_id).sum()) == record["visual_tokens"] == 8 * 16 + 1
+
+
+def test_video_slice_accuracy_matches_the_record(shipped_video):
+    """The dense ``frames`` family on its CI slice (vlm_data.VIDEO_SLICE), per cell and per digit cell,
+    against the figures training.json recorded for the same clips (the temporal families, 26-56% on
+    the test split, are not shipped claims)."""
+    model, processor, record = shipped_video
+    batch = list(vlm_data.examples("test", "frames", vlm_data.VIDEO_SLICE["frames"]))
+    scores = [vlm_data.score(ex, text) for ex, text in zip(batch, _video_answers(model, processor, batch))]
+    cells = sum(s["cells_correct"] for s in scores) / sum(s["cells"] for s in scores)
+    digits = sum(s["digits_correct"] for s in scores) / sum(s["digits"] for s in scores)
+    assert cells >= record["slice200"]["frames"] - 0.01 and cells >= 0.95, cells
+    # far above reading every cell as empty, the answer a token-blind model would learn
+    assert digits >= record["test"]["frames"]["digit_cell_accuracy"] - TOLERANCE_FAMILY, digits
+
+
+@pytest.mark.parametrize("reducers", [(tokred.HoliTom(retain=1.0, tau=1.0), tokred.HoliTomInner(keep=1.0, layer=2)),
+                                      (tokred.DivPrune(keep=1.0),), (tokred.VisionZip(dominant=16, contextual=0),)],
+                         ids=lambda r: "+".join(type(x).__name__ for x in r))
+def test_video_keep_everything_reproduces_the_answers(shipped_video, reducers):
+    """Keep-everything settings of the video reducers (one clip of each family, left-padded) give the
+    unreduced model's answers exactly."""
+    model, processor, _ = shipped_video
+    batch = [vlm_data.clip("test", family, 1) for family in vlm_data.VIDEO_FAMILIES]
+    full = _video_answers(model, processor, batch)
+    with tokred.applied(model, *reducers):
+        reduced = _video_answers(model, processor, batch)
+    assert reduced == full
+
+
+def test_video_sweep_scores_digit_cells():
+    """evals/sweep_vlm.py's digit-cell score of a ``frames`` answer: right, as-unreduced, digit cells."""
+    import sweep_vlm
+
+    ex = vlm_data.clip("test", "frames", 0)
+    truth = ex.answer.split()
+    digits = [i for i, word in enumerate(truth) if word != vlm_data.EMPTY]
+    blank = next(i for i, word in enumerate(truth) if word == vlm_data.EMPTY)
+    wrong = list(truth)
+    wrong[digits[0]] = "empty"
+    wrong[blank] = "7"   # a wrong empty cell is not a digit cell
+    answer = " ".join(wrong) + " ;"
+    assert sweep_vlm.digit_cells(ex, answer, ex.target) == (len(digits) - 1, len(digits) - 1, len(digits))
+    assert sweep_vlm.digit_cells(ex, answer, answer) == (len(digits) - 1, len(digits), len(digits))
+    cut = " ".join(truth[:digits[1]]) + " ;"   # the description stops before the second digit cell
+    assert sweep_vlm.digit_cells(ex, cut, ex.target) == (1, 1, len(digits))
+    assert sweep_vlm.digit_cells(ex, cut, cut) == (1, len(digits), len(digits))
+
+
+def test_video_sweep_writes_its_own_readme_section(tmp_path):
+    """evals/sweep_vlm.py's rewrite of a video sweep (a report as tokred sweep writes it, answers made up):
+    kept-position runs become their own line, the frames answers are also scored on digit cells, and
+    the README's sweep-vlm-video markers are filled, not the image sweep's."""
+    import sweep_vlm
+    from tokred.cli import vlm_sweep
+
+    clips = list(vlm_data.examples("test", "frames", 2))
+    questions = sweep_vlm.export(tmp_path / "q", {"frames": 2})
+    blind = " ".join(["empty"] * 128) + " ;"
+    row = {"llm_tokens_last_layer": 20, "visual_tokens": None, "flops_ratio": 0.5, "flops_ratio_per_image": 0.5,
+           "ttft_ratio": 0.5, "families": {"frames": {"accuracy": 0.9, "ci95": [0.8, 0.95], "agreement": 0.9,
+                                                       "exact_match": 0.0}}}
+    report = {"families": ["frames"], "questions": 2, "settings": {"model": "assets/digits_vlm_video"},
+              "results": [{**row, "family": "none", "spec": "none", "answers": [ex.target for ex in clips]},
+                          {**row, "family": "uniform", "spec": "uniform:keep=0.25/positions=keep",
+                           "answers": [clips[0].target, blind]}]}
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / vlm_sweep.JSON_NAME).write_text(json.dumps(report))
+    (out / vlm_sweep.MARKDOWN_NAME).write_text("header\n\ntable\n")
+    sweep_vlm.video_report(out, questions)
+    sweep_vlm.video_report(out, questions)   # a second pass changes nothing
+    report = json.loads((out / vlm_sweep.JSON_NAME).read_text())
+    assert [r["family"] for r in report["results"]] == ["none", "uniform (kept positions)"]
+    assert report["families"] == ["frames", "frames: digit cells"]
+    first, second = (sum(t != vlm_data.EMPTY for t in ex.answer.split()) for ex in clips)
+    digits = [r["families"]["frames: digit cells"] for r in report["results"]]
+    assert digits[0]["accuracy"] == digits[0]["agreement"] == 1.0
+    assert digits[1]["accuracy"] == digits[1]["agreement"] == first / (first + second)
+    assert (out / vlm_sweep.MARKDOWN_NAME).read_text().startswith("header\n\n| reducer")
+
+    readme = tmp_path / "README.md"
+    image_section = "<!-- sweep-vlm:start -->\nimage\n<!-- sweep-vlm:end -->"
+    readme.write_text(f"a\n{image_section}\n" + "\n".join(sweep_vlm.VIDEO_README))
+    sweep_vlm.update_video_readme(readme, out)
+    text = readme.read_text()
+    assert image_section in text and "uniform (kept positions)" in text.split(sweep_vlm.VIDEO_README[0])[1]
+    assert (tmp_path / sweep_vlm.VIDEO_IMAGE).is_file()
