@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import tokred
-from helpers import IMAGE_TOKEN, llava_inputs, tiny_llava, tiny_vit
+from helpers import llava_inputs, tiny_llava, tiny_vit
+from test_llava import greedy_cached, greedy_uncached
 from tokred.reducers.budget import (Budget, cls_outliers, distortion, distortion_keep, jpeg_bytes_per_pixel,
                                     kept_counts)
 from tokred.reducers.divprune import greedy_order
@@ -207,25 +208,6 @@ def reducers(llava):
             "fastv": tokred.FastV(keep=llm, layer=2), "dart": tokred.DART(keep=llm, layer=2, image_pivots=2,
                                                                            text_pivots=2),
             "adjacent": tokred.AdjacentMerge(keep=llm, layer=2)}
-
-
-def greedy_cached(model, inputs, steps):
-    out = model.generate(**inputs, max_new_tokens=steps, do_sample=False, suppress_tokens=[IMAGE_TOKEN],
-                         pad_token_id=0)
-    return out[:, inputs["input_ids"].shape[1]:]
-
-
-def greedy_uncached(model, inputs, steps):
-    ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    prompt_length = ids.shape[1]
-    extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
-    for _ in range(steps):
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False, prompt_length=prompt_length,
-                       **extra).logits[:, -1]
-        logits[:, IMAGE_TOKEN] = -torch.inf
-        ids = torch.cat([ids, logits.argmax(dim=-1, keepdim=True)], dim=1)
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-    return ids[:, prompt_length:]
 
 
 @pytest.mark.parametrize("name", ["divprune", "random", "fastv", "dart", "adjacent"])
