@@ -88,6 +88,51 @@ def test_default_settings():
         vs.default_settings((0.5,), ["holitom-x"])
 
 
+def _alone(model, processor, question) -> tuple[int, int]:
+    """(visual tokens entering the language model, at its last layer) of one question run alone, from
+    the unpadded sequence lengths: the LM's input and output rows minus the prompt's text tokens."""
+    import torch
+
+    import tokred
+
+    inputs = vs.model_inputs(processor, [question])
+    with torch.no_grad():
+        model(**inputs)
+    llm = [r for r in tokred.last_trace(model).layers if r.stage == "llm"]
+    text = int(inputs["attention_mask"].sum()) - int((inputs["input_ids"] == model.config.image_token_id).sum())
+    return llm[0].tokens_in - text, llm[-1].tokens_out - text
+
+
+def test_visual_tokens_per_question_equal_each_question_alone():
+    """In a left-padded batch of questions with different prompt lengths, the visual tokens per question
+    (entering the LM, at its last layer) are those of each question run alone, for per-image counts in
+    the tower (DToMe), at the projector (DivPrune) and inside the LM (ATP); the spread is the population one."""
+    import torch
+
+    import tokred
+    from tokred.cli import vlm
+
+    model, processor = vlm.load(CHECKPOINT)
+    every = vs.read_questions(CHECKPOINT / "questions.jsonl")
+    questions = every[:3] + every[-2:]                 # describe prompts and the longer sum prompts
+    inputs = vs.model_inputs(processor, questions)
+    cases = [(), (tokred.DToMe(thresholds=(0.9993, 0.9988, 0.9966, 0.98)),), (tokred.DivPrune(keep=0.25),),
+             (tokred.ATP(layers=(1, 2, 3), thresholds=(0.9, 0.9, 0.5), strides=8),)]
+    for reducers in cases:
+        with tokred.applied(model, *reducers):
+            with torch.no_grad():
+                model(**inputs)
+            entering, last = vs.visual_tokens(model, tokred.last_trace(model), inputs, questions)
+            alone = [_alone(model, processor, q) for q in questions]
+        assert (entering, last) == ([a[0] for a in alone], [a[1] for a in alone]), reducers
+    assert len(set(entering)) == 1 and len(set(last)) > 1        # ATP: 64 in, a count per question out
+    spread = vs._spread([2, 4], [1, 1], 2)
+    assert spread == {"mean": 3, "std": 1.0, "last_mean": 1, "last_std": 0.0} and vs._spread([2], [2], 2) is None
+    assert vs.format_tokens(spread) == "3.0 ± 1.0 → 1.0 ± 0.0"
+    assert vs.format_tokens(vs._spread([4], [4], 1)) == "4.0 ± 0.0"
+    assert vs.format_tokens(None) == "?"
+
+
 def test_shipped_question_file_is_the_generator_slice(tmp_path):
     """assets/digits_vlm/questions.jsonl (and its PNGs) is what evals/sweep_vlm.py --export --slice writes."""
     sys.path.insert(0, str(REPO / "evals"))
@@ -120,8 +165,15 @@ def test_sweep_of_the_shipped_vlm(tmp_path, capsys):
         assert family["n"] == 10 and 0 <= family["ci95"][0] <= family["accuracy"] <= family["ci95"][1] <= 1
         assert row["prefill_gmacs"] * 2 == pytest.approx(row["prefill_gflops"]) and row["ttft_ratio"] > 0
     assert divprune["families"]["describe"]["accuracy"] < none["families"]["describe"]["accuracy"]
+    assert none["visual_tokens"] == {"mean": 64, "std": 0, "last_mean": 64, "last_std": 0}
+    assert divprune["visual_tokens"] == {"mean": 16, "std": 0, "last_mean": 16, "last_std": 0}
+    assert fastv["visual_tokens"] == {"mean": 64, "std": 0, "last_mean": 16, "last_std": 0}
+    assert none["flops_ratio_per_image"] == 1.0
+    for row in (everything, divprune, fastv):   # a fixed count: alone or padded, about the same ratio
+        assert row["flops_ratio_per_image"] == pytest.approx(row["flops_ratio"], abs=0.02)
     table = (out / vs.MARKDOWN_NAME).read_text()
     assert table.count("\n| ") == 1 + len(rows) and "describe % (95% CI)" in table
+    assert " 64.0 ± 0.0 → 16.0 ± 0.0 |" in table and "visual tokens (mean ± std)" in table
     assert (out / vs.PLOT_NAME).stat().st_size > 10_000 and (tmp_path / vs.README_IMAGE).is_file()
     text = readme.read_text()
     assert "old" not in text and "`divprune:keep=0.25`" in text and text.endswith("tail\n")

@@ -378,14 +378,14 @@ def plot(report: dict, path: Path, title: str, x: str = "flops_ratio") -> None:
     columns = min(3, len(families))
     rows_ = math.ceil(len(families) / columns)
     fig, axes = plt.subplots(rows_, columns, figsize=(4.2 * columns, 3.6 * rows_), dpi=110, squeeze=False)
-    colours = plt.get_cmap("tab10")
+    colours = plt.get_cmap("tab10" if len(reducers) <= 10 else "tab20")
     for ax, name in zip(axes.flat, families):
         ax.axhline(100 * full["families"][name]["accuracy"], color="black", linestyle="--", linewidth=1,
                    label="unreduced")
         for k, reducer in enumerate(reducers):
             points = sorted((r[x], 100 * r["families"][name]["accuracy"])
                             for r in report["results"] if r["family"] == reducer)
-            ax.plot(*zip(*points), "o-", color=colours(k % 10), markersize=3.5, linewidth=1.3, label=reducer)
+            ax.plot(*zip(*points), "o-", color=colours(k % colours.N), markersize=3.5, linewidth=1.3, label=reducer)
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("prefill FLOPs ratio" + (" (each image alone)" if x == "flops_ratio_per_image" else ""))
         ax.set_ylabel("accuracy (%)")
