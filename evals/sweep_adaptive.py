@@ -21,8 +21,6 @@ Usage: python evals/sweep_adaptive.py [--per-family 500] [--readme] [--out resul
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -195,23 +193,14 @@ def main(argv=None) -> int:
               f"model (→ at its last layer), mean ± std; FLOPs ratios: analytic prefill, reduced / full, of the "
               f"first batch and of each of {report['flops_sample']} questions run alone")
     markdown = vs.format_markdown(report)
-    print(header)
-    print(markdown)
-    args.out.mkdir(parents=True, exist_ok=True)
-    paths = [args.out / name for name in (JSON_NAME, MARKDOWN_NAME, PLOT_NAME)]
-    paths[0].write_text(json.dumps(report, indent=2) + "\n")
-    paths[1].write_text(f"{header}\n\n{markdown}\n")
-    vs.plot(report, paths[2], f"{args.checkpoint.name}: adaptive vs fixed budgets ({len(questions)} questions)",
-            x="flops_ratio_per_image")
-    print(f"wrote {', '.join(map(str, paths))} in {time.time() - start:.0f} s")
+    paths = vs.write_report(report, args.out, (JSON_NAME, MARKDOWN_NAME, PLOT_NAME), header, markdown,
+                            f"{args.checkpoint.name}: adaptive vs fixed budgets ({len(questions)} questions)",
+                            x="flops_ratio_per_image")
+    print(f"the sweep took {time.time() - start:.0f} s")
     if args.readme is not None:
-        image = args.readme.parent / README_IMAGE
-        image.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(paths[2], image)
-        sweep.update_readme(args.readme, markdown, image=README_IMAGE, markers=(README_START, README_END),
-                            alt="per-image prefill FLOPs ratio versus accuracy per question family, adaptive and "
-                                "fixed reducers")
-        print(f"updated {args.readme} and {image}")
+        sweep.publish(args.readme, markdown, paths[2], image=README_IMAGE, markers=(README_START, README_END),
+                      alt="per-image prefill FLOPs ratio versus accuracy per question family, adaptive and "
+                          "fixed reducers")
     return 0
 
 

@@ -194,17 +194,11 @@ def digit_cells(ex, answer: str, unreduced: str) -> tuple[int, int, int]:
 
 def update_video_readme(readme: Path, out: Path) -> None:
     """Put the video sweep in ``out`` (its table, its plot as docs/sweep_vlm_video.png) into ``readme``."""
-    import shutil
-
     from tokred.cli import sweep, vlm_sweep
 
     report = json.loads((out / vlm_sweep.JSON_NAME).read_text())
-    image = readme.parent / VIDEO_IMAGE
-    image.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(out / vlm_sweep.PLOT_NAME, image)
-    sweep.update_readme(readme, vlm_sweep.format_markdown(report), image=VIDEO_IMAGE, markers=VIDEO_README,
-                        alt="prefill FLOPs ratio versus accuracy on the video clips, one line per reducer")
-    print(f"updated {readme} and {image}")
+    sweep.publish(readme, vlm_sweep.format_markdown(report), out / vlm_sweep.PLOT_NAME, image=VIDEO_IMAGE,
+                  markers=VIDEO_README, alt="prefill FLOPs ratio versus accuracy on the video clips, one line per reducer")
 
 
 if __name__ == "__main__":

@@ -228,6 +228,17 @@ def update_readme(readme: Path, markdown: str, image: str = README_IMAGE, marker
     readme.write_text(head + block + tail)
 
 
+def publish(readme: Path, markdown: str, plot_path: Path, image: str = README_IMAGE,
+            markers=(README_START, README_END), alt: str = "FLOPs ratio versus top-1 and agreement per reducer family") -> None:
+    """Copy the plot to ``image`` (relative to the README's folder) and put ``markdown`` with a link to
+    it between the ``markers`` of ``readme`` (:func:`update_readme`)."""
+    target = readme.parent / image
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(plot_path, target)
+    update_readme(readme, markdown, image=image, markers=markers, alt=alt)
+    print(f"updated {readme} and {target}")
+
+
 # command line ------------------------------------------------------------------------------
 def vlm_settings(args, model) -> list[tuple[str, str, float | None]]:
     """[(family, spec, keep)] of a VLM sweep: ``--specs`` as given, or the default sweep at ``--keeps``."""
@@ -322,9 +333,5 @@ def main(args) -> int:
     plot(report, paths[PLOT_NAME])
     print(f"wrote {', '.join(str(path) for path in paths.values())}")
     if args.readme is not None:
-        image = args.readme.parent / README_IMAGE
-        image.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(paths[PLOT_NAME], image)
-        update_readme(args.readme, markdown)
-        print(f"updated {args.readme} and {image}")
+        publish(args.readme, markdown, paths[PLOT_NAME])
     return 0

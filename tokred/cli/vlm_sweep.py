@@ -400,11 +400,23 @@ def plot(report: dict, path: Path, title: str, x: str = "flops_ratio") -> None:
     plt.close(fig)
 
 
+def write_report(report: dict, out: Path, names: tuple[str, str, str], header: str, markdown: str, title: str,
+                 x: str = "flops_ratio") -> list[Path]:
+    """Print the header and table, and write the report's JSON, Markdown and plot (``names``) to ``out``."""
+    print(header)
+    print(markdown)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / name for name in names]
+    paths[0].write_text(json.dumps(report, indent=2) + "\n")
+    paths[1].write_text(f"{header}\n\n{markdown}\n")
+    plot(report, paths[2], title, x=x)
+    print(f"wrote {', '.join(map(str, paths))}")
+    return paths
+
+
 # command line ------------------------------------------------------------------------------------
 def main(args, settings_of) -> int:
     """``tokred sweep --model DIR``; ``settings_of(args, model)`` gives [(family, spec, keep)]."""
-    import shutil
-
     import tokred
     from tokred.cli import bench, sweep, vlm
 
@@ -427,19 +439,9 @@ def main(args, settings_of) -> int:
               f"FLOPs ratio = analytic prefill FLOPs reduced / full; TTFT ratio = median prefill time of the first "
               f"batch ({report['probe_batch']} questions) over {args.rounds} interleaved rounds, reduced / full")
     markdown = format_markdown(report)
-    print(header)
-    print(markdown)
-    args.out.mkdir(parents=True, exist_ok=True)
-    paths = [args.out / name for name in (JSON_NAME, MARKDOWN_NAME, PLOT_NAME)]
-    paths[0].write_text(json.dumps(report, indent=2) + "\n")
-    paths[1].write_text(f"{header}\n\n{markdown}\n")
-    plot(report, paths[2], f"{Path(args.model).name}: accuracy vs prefill FLOPs ({len(questions)} questions)")
-    print(f"wrote {', '.join(map(str, paths))}")
+    paths = write_report(report, args.out, (JSON_NAME, MARKDOWN_NAME, PLOT_NAME), header, markdown,
+                         f"{Path(args.model).name}: accuracy vs prefill FLOPs ({len(questions)} questions)")
     if args.readme is not None:
-        image = args.readme.parent / README_IMAGE
-        image.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(paths[2], image)
-        sweep.update_readme(args.readme, markdown, image=README_IMAGE, markers=(README_START, README_END),
-                            alt="prefill FLOPs ratio versus accuracy per question family, one line per reducer")
-        print(f"updated {args.readme} and {image}")
+        sweep.publish(args.readme, markdown, paths[2], image=README_IMAGE, markers=(README_START, README_END),
+                      alt="prefill FLOPs ratio versus accuracy per question family, one line per reducer")
     return 0
