@@ -1,9 +1,9 @@
 """Prefill and decode speed of vision-language models on CPU, with tokred's projector- and llm-stage
 reducers, against the unreduced model and against an "oracle" in the same process.
 
-Run ``python evals/bench_vlm.py [--family llava|qwen2_vl|all] [--rounds 3] [--threads 2] [--batch 1]
-[--json out.json]`` (LLaVA: about 10-40 minutes on 2 threads; Qwen2-VL at 448 px: about 35 minutes
-on 1 thread; ``--tiny`` runs toy models of both families in seconds). Each family gets its own table;
+Run ``python evals/bench_vlm.py [--family llava|qwen2_vl|onevision_video|all] [--rounds 3] [--threads 2]
+[--batch 1] [--json out.json]`` (LLaVA: about 10-40 minutes on 2 threads; Qwen2-VL at 448 px: about 35
+minutes on 1 thread; ``--tiny`` runs toy models of every family in seconds). Each family gets its own table;
 ratios compare rows of one table only. The models are built in code with seeded random weights
 (speed does not depend on them), float32, SDPA:
 
@@ -21,6 +21,19 @@ ratios compare rows of one table only. The models are built in code with seeded 
   The oracle runs the unpatched encoder + merger, then the unpatched language model on the kept
   tokens' embeddings with their original 3-D positions (``get_rope_index`` on the full prompt), then
   the head; decode steps pass explicit 3-D positions.
+- ``onevision_video``: LLaVA-OneVision-0.5B's shapes on one video per prompt: the SigLIP-so400m tower
+  without its last layer (26 layers, dim 1152, 384 px, 27 x 27 patches, feature layer -1 "full"), the
+  GELU projector, 2 x 2 bilinear pooling (196 tokens per frame) and one newline token after the video,
+  and Qwen2-0.5B (24 layers, dim 896, 14 heads / 2 KV heads, SwiGLU 4864, 151936-token vocabulary, tied
+  embeddings). ``--frames`` sets the clip lengths (8 16: 1569 and 3137 visual tokens), between 14 and 20
+  text tokens. Rows: HoliTom at retain 0.10 (tau 0.65) and 0.25 (tau 0.80), each with its inner stage
+  (keep 0.5 before layer 18), and the oracles at the counts HoliTom reaches before and after layer 18.
+  The tower is identical in every row, so each timed round runs the encoder once for the unpatched rows
+  and once with HoliTom's tower attention, and every row's prefill starts from those outputs (passed as
+  ``mm_encoder_outputs``, as ``generate`` does): TTFT = encoder + prefill of the same round. No memory
+  pass. Below the table: HoliTom's selection time over the unreduced TTFT, and the reference's FLOPs
+  formula (FastV's 4nd^2 + 2n^2d + 2ndm on the visual tokens) for each row and for its headline setting
+  (LLaVA-OneVision-7B, 32 frames: 6.9% in the paper).
 
 Every configuration runs once per round in a rotating order (plus an uncounted
 warm-up round); times are medians over rounds and every ratio is against the unreduced model's
@@ -32,10 +45,11 @@ included); *FLOPs ratio* = the same over the unreduced count; *speedup ÷ predic
 speedup / FLOPs-predicted speedup (= FLOPs ratio / TTFT ratio); *vs oracle bound* = TTFT / the
 fastest this reducer could be: the oracle's TTFT (the unpatched tower + projector, then the
 unpatched language model + head on a sequence of text + kept tokens) at the same kept count, plus
-for llm-stage reducers K/L of the measured language-model time difference between the full and the
-reduced sequence (the K layers that must run at full length); *selection %* = the reducer's own
-selection (``plan_images`` / ``keep_mask``, and the adapter's attention row for FastV) timed inside
-the run, as a share of the row's TTFT; *decode tok/s ratio* = decode tokens/s over the unreduced
+for llm-stage reducers K/L of the measured language-model time difference between the oracles on the
+tokens before K (all of them for DART and FastV; HoliTom's outer stage's) and on the kept ones;
+*selection %* = the reducer's own selection (``plan_images`` / ``plan_sequence``, the language model's
+attention row for FastV and HoliTom's inner stage, the tower attention for HoliTom) timed inside the
+run, as a share of the row's TTFT; *decode tok/s ratio* = decode tokens/s over the unreduced
 model's (greedy, ``--decode-steps`` steps after the prefill); *peak MB* = peak process RSS during
 the prefill minus the RSS just before it (sampled every 2 ms in a separate pass after the timing
 rounds, with glibc's malloc set to return freed memory); *KV MB* = bytes of the key and value
@@ -62,7 +76,8 @@ from torch import Tensor
 from tqdm import tqdm
 
 import tokred
-from tokred.cli import tables
+from tokred.cli import sweep, tables
+from tokred.adapters.hf_llava import LlavaAdapter
 from tokred.decoder import LanguageModelEngine
 
 # model families --------------------------------------------------------------------------------------
@@ -104,6 +119,31 @@ QWEN_TINY = dict(
     text_below=90, before=20, after=25, sides=(112,), keeps=(0.25, 0.5), rounds=1, decode_steps=2,
 )
 LLM_LAYER = 2  # K for DART and FastV
+# LLaVA-OneVision-0.5B's shapes (config.json of llava-hf/llava-onevision-qwen2-0.5b-ov-hf): the SigLIP-so400m
+# tower without its last layer and head (26 layers, 384 px, 27 x 27 patches), feature layer -1 "full", a
+# GELU projector, Qwen2-0.5B (tied embeddings); each frame's 27 x 27 tokens pooled to 14 x 14 (196), one
+# newline after the video. HoliTom at the reference's settings: tau 0.65 with retain 0.10, 0.80 otherwise;
+# inner stage keep 0.5 at K = 18.
+ONEVISION_FULL = dict(
+    tower=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26, num_attention_heads=16,
+               image_size=384, patch_size=14),
+    text=dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+              num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
+              rope_parameters={"rope_type": "default", "rope_theta": 1e6}),
+    image_token=151646, video_token=151647, pad_token=151643, before=14, after=20, frames=(8, 16),
+    retains=(0.10, 0.25), layer=18, rounds=3, decode_steps=4,
+)
+ONEVISION_TINY = dict(
+    tower=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+               image_size=112, patch_size=14),
+    text=dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024),
+    image_token=997, video_token=998, pad_token=999, before=14, after=20, frames=(4,),
+    retains=(0.10, 0.25), layer=2, rounds=1, decode_steps=2,
+)
+README_MARKERS = ("<!-- bench-vlm-video:start -->", "<!-- bench-vlm-video:end -->")
+#: the reference's headline shape, LLaVA-OneVision-7B (Qwen2-7B: 28 layers, d 3584, MLP 18944) on 32 frames
+HEADLINE = dict(layers=28, d=3584, m=18944, frames=32, per_frame=196, retain=0.10, inner_keep=0.5, layer=18)
 
 
 def _sdpa(*configs) -> None:
@@ -125,6 +165,9 @@ class Llava:
 
     name, title = "llava", "LLaVA-1.5-shaped"
     parts = ("tower", "projector", "language model")
+    modality = "image"
+    protected = 0  # visual tokens no reducer removes (OneVision's video newline)
+    shares_encoder = False  # True: each timed round encodes once and every row's prefill starts from it
 
     def __init__(self, shape: dict):
         self.shape = shape
@@ -270,21 +313,109 @@ class Qwen2VL(Llava):
                     language_model=_count(model.model.language_model, model.lm_head))
 
 
-FAMILIES = {"llava": (Llava, LLAVA_FULL, LLAVA_TINY), "qwen2_vl": (Qwen2VL, QWEN_FULL, QWEN_TINY)}
+class OneVisionVideo(Llava):
+    """LLaVA-OneVision on one video per prompt: the tower on every frame, the projector, 2 x 2 bilinear
+    pooling, one ``image_newline`` after the video; 1-D positions. Sizes are frame counts."""
+
+    name, title = "onevision_video", "LLaVA-OneVision-0.5B-shaped, video"
+    modality = "video"
+    protected = 1
+    shares_encoder = True
+
+    def __init__(self, shape: dict):
+        self.shape = shape
+        self.image_token = shape["video_token"]  # the placeholder the visual tokens fill
+
+    def build(self, seed: int = 0):
+        """LlavaOnevisionForConditionalGeneration with seeded random weights, eval mode, float32, SDPA."""
+        from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config,
+                                  SiglipVisionConfig)
+
+        shape = self.shape
+        text = Qwen2Config(**shape["text"], pad_token_id=shape["pad_token"], tie_word_embeddings=True)
+        config = LlavaOnevisionConfig(vision_config=SiglipVisionConfig(**shape["tower"]), text_config=text,
+                                      image_token_id=shape["image_token"], video_token_id=shape["video_token"],
+                                      vision_feature_layer=-1, vision_feature_select_strategy="full",
+                                      projector_hidden_act="gelu", tie_word_embeddings=True)
+        _sdpa(config, config.text_config, config.vision_config)
+        torch.manual_seed(seed)
+        return LlavaOnevisionForConditionalGeneration(config).eval().float()
+
+    def sides(self, model) -> list[int]:
+        return list(self.shape["frames"])
+
+    def grid(self, model, inputs) -> tuple[int, int]:
+        """A frame's pooled token grid."""
+        vision = model.config.vision_config
+        side = math.ceil(vision.image_size // vision.patch_size / 2)
+        return side, side
+
+    def per_frame(self, model) -> int:
+        return math.prod(self.grid(model, None))
+
+    def inputs(self, model, frames: int, batch: int, seed: int = 0) -> dict:
+        """``before`` text ids, the video's placeholders (frames x pooled tokens + the newline), ``after``
+        text ids; random ids below the special tokens, one random clip per sample."""
+        shape = self.shape
+        generator = torch.Generator().manual_seed(seed)
+        high = min(shape["image_token"], shape["pad_token"], model.config.text_config.vocab_size)
+        n = frames * self.per_frame(model) + 1
+        prompts = []
+        for _ in range(batch):
+            before = torch.randint(3, high, (shape["before"],), generator=generator)
+            after = torch.randint(3, high, (shape["after"],), generator=generator)
+            prompts.append(torch.cat([before, torch.full((n,), self.image_token), after]))
+        input_ids = torch.stack(prompts)
+        side = model.config.vision_config.image_size
+        return dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                    pixel_values_videos=torch.randn(batch, frames, 3, side, side, generator=generator))
+
+    def encode(self, model, inputs: dict):
+        """The model's ``get_video_features`` (tokred's, with the tower attention, while HoliTom is applied)."""
+        config = model.config
+        return model.model.get_video_features(pixel_values_videos=inputs["pixel_values_videos"], return_dict=True,
+                                              vision_feature_layer=config.vision_feature_layer,
+                                              vision_feature_select_strategy=config.vision_feature_select_strategy)
+
+    def visual_features(self, model, inputs: dict) -> Tensor:
+        return self.encode(model, inputs).pooler_output
+
+    def specs(self, n: int) -> list[Spec]:
+        """The unreduced model, the full-length oracle and HoliTom (both stages) at each retain."""
+        layer = self.shape["layer"]
+        specs = [Spec("none", "none", "—", n), Spec(f"oracle-{n}", "oracle (unpatched, full length)", "oracle", n,
+                                                    oracle=n)]
+        for retain in self.shape["retains"]:
+            tau = 0.65 if retain == 0.10 else 0.80
+            reducers = (tokred.HoliTom(retain=retain, tau=tau), tokred.HoliTomInner(keep=0.5, layer=layer))
+            specs.append(Spec(f"holitom-{retain:g}", f"HoliTom r={retain:g} τ={tau:g}, inner K={layer}",
+                              "projector + llm", round(retain * (n - 1)), reducers))
+        return specs
+
+
+FAMILIES = {"llava": (Llava, LLAVA_FULL, LLAVA_TINY), "qwen2_vl": (Qwen2VL, QWEN_FULL, QWEN_TINY),
+            "onevision_video": (OneVisionVideo, ONEVISION_FULL, ONEVISION_TINY)}
 
 
 # configurations ----------------------------------------------------------------------------------------
 
 @dataclass
 class Spec:
-    """One row: no reduction, a reducer, or the oracle on ``oracle`` visual tokens."""
+    """One row: no reduction, reducers, or the oracle on ``oracle`` visual tokens."""
 
     key: str
     label: str
     stage: str
     target: int  # the kept count the row is grouped under
-    reducer: tokred.reducers.base.Reducer | None = None
+    reducers: tuple[tokred.reducers.base.Reducer, ...] = ()
     oracle: int | None = None
+    #: llm-stage rows: visual tokens in the layers before K (None: all of them; HoliTom: its outer stage's)
+    early: int | None = None
+
+    @property
+    def layer(self) -> int | None:
+        """K of the row's llm-stage reducer, if it has one."""
+        return next((r.layer for r in self.reducers if r.stage == "llm"), None)
 
 
 def pool_stride(grid: tuple[int, int], k: int) -> tuple[int, int]:
@@ -313,14 +444,15 @@ def make_specs(ks: tuple[int, ...], grid: tuple[int, int]) -> list[Spec]:
             if c not in oracles:
                 oracles.add(c)
                 group.append(Spec(f"oracle-{c}", "oracle", "oracle", k, oracle=c))
-        group.append(Spec(f"divprune-{k}", "DivPrune", "projector", k, tokred.DivPrune(keep=k)))
-        group.append(Spec(f"random-{k}", "Random", "projector", k, tokred.Random(keep=k / n, stage="projector")))
+        group.append(Spec(f"divprune-{k}", "DivPrune", "projector", k, (tokred.DivPrune(keep=k),)))
+        group.append(Spec(f"random-{k}", "Random", "projector", k,
+                          (tokred.Random(keep=k / n, stage="projector"),)))
         if stride not in pools:
             pools.add(stride)
             group.append(Spec(f"pool-{stride[0]}x{stride[1]}", f"Pool {stride[0]}x{stride[1]}", "projector", k,
-                              tokred.Pool(stride=stride[0] if stride[0] == stride[1] else stride, stage="projector")))
-        group.append(Spec(f"dart-{k}", f"DART K={LLM_LAYER}", "llm", k, tokred.DART(keep=k, layer=LLM_LAYER)))
-        group.append(Spec(f"fastv-{k}", f"FastV K={LLM_LAYER}", "llm", k, tokred.FastV(keep=k, layer=LLM_LAYER)))
+                              (tokred.Pool(stride=stride[0] if stride[0] == stride[1] else stride, stage="projector"),)))
+        group.append(Spec(f"dart-{k}", f"DART K={LLM_LAYER}", "llm", k, (tokred.DART(keep=k, layer=LLM_LAYER),)))
+        group.append(Spec(f"fastv-{k}", f"FastV K={LLM_LAYER}", "llm", k, (tokred.FastV(keep=k, layer=LLM_LAYER),)))
         specs += group
     return specs
 
@@ -348,10 +480,10 @@ _TIMED_CLASSES: dict[type, type] = {}
 
 
 def timed_reducer(reducer):
-    """A copy of ``reducer`` whose selection method (``plan_images`` or ``keep_mask``) adds to SELECTION."""
+    """A copy of ``reducer`` whose selection method (``plan_images`` or ``plan_sequence``) adds to SELECTION."""
     base = type(reducer)
     if base not in _TIMED_CLASSES:
-        method = "keep_mask" if reducer.stage == "llm" else "plan_images"
+        method = "plan_sequence" if reducer.stage == "llm" else "plan_images"
         original = getattr(base, method)
 
         def selection(self, *args, **kwargs):
@@ -367,14 +499,16 @@ def timed_reducer(reducer):
 
 def configure(model, spec: Spec) -> None:
     """Patch the model for ``spec`` (unpatched for the none and oracle rows)."""
-    if spec.reducer is None:
+    if not spec.reducers:
         tokred.remove(model)
         return
-    tokred.apply(model, timed_reducer(spec.reducer))
+    tokred.apply(model, *(timed_reducer(reducer) for reducer in spec.reducers))
 
 
-# FastV's attention row, computed by the language-model engine, is part of its selection time
+# Signals computed for a reducer alone are part of its selection time: the last prompt token's attention
+# row in the language model (FastV, HoliTom's inner stage) and the tower attention (HoliTom's outer stage)
 LanguageModelEngine.last_attention = SELECTION.wrap(LanguageModelEngine.last_attention)
+LlavaAdapter.received_attention = SELECTION.wrap(LlavaAdapter.received_attention)
 
 
 # one run -----------------------------------------------------------------------------------------------
@@ -404,18 +538,19 @@ def decode(model, family, inputs: dict, out, steps: int) -> float:
     return time.perf_counter() - start
 
 
-def oracle(model, family, inputs: dict, count: int):
-    """The unpatched model on a sequence of the reduced length: tower + projector on the full image,
-    then the language model + head on text + the first ``count`` visual tokens (for Qwen2-VL with
-    their original 3-D positions). Returns (seconds, language model seconds, cache). Batch rows
-    share one layout."""
+def oracle(model, family, inputs: dict, count: int, features: Tensor | None = None):
+    """The unpatched model on a sequence of the reduced length: tower + projector on the full image
+    (unless its ``features`` are given), then the language model + head on text + the first ``count``
+    visual tokens (for Qwen2-VL with their original 3-D positions). Returns (seconds, language model
+    seconds, cache). Batch rows share one layout."""
     base = model.model
     ids = inputs["input_ids"]
     image = (ids[0] == family.image_token).nonzero().squeeze(1)
     first, last = int(image[0]), int(image[-1])
     index = torch.cat([torch.arange(first + count), torch.arange(last + 1, ids.shape[1])])
     start = time.perf_counter()
-    features = family.visual_features(model, inputs)
+    if features is None:
+        features = family.visual_features(model, inputs)
     embed = base.get_input_embeddings()
     embeds = torch.cat([embed(ids[:, :first]), features[:, :count].to(embed.weight.dtype), embed(ids[:, last + 1:])],
                        dim=1)
@@ -504,6 +639,7 @@ class Measured:
     decode: list[float] = field(default_factory=list)
     flops: dict | None = None
     kept: int | None = None
+    early: int | None = None  # llm-stage rows: visual tokens in the layers before K
     kv_mb: float | None = None
     peak_mb: float | None = None
 
@@ -523,80 +659,135 @@ def visual_tokens(family, inputs: dict) -> int:
     return int((inputs["input_ids"][0] == family.image_token).sum())
 
 
-def run_once(model, family, inputs: dict, spec: Spec, decode_steps: int, details: bool) -> dict:
-    """One run of ``spec``: times, and with ``details`` the kept count, FLOPs and KV size."""
+def run_once(model, family, inputs: dict, spec: Spec, decode_steps: int, details: bool,
+             encoded: tuple[dict, float, float] | None = None) -> dict:
+    """One run of ``spec``: times, and with ``details`` the kept count, FLOPs and KV size. With
+    ``encoded`` (``mm_encoder_outputs``, the seconds they took, the selection seconds among them), the
+    prefill starts from those encoder outputs, as ``generate`` does, and their time is added."""
     n = visual_tokens(family, inputs)
     configure(model, spec)
     SELECTION.seconds = 0.0
+    outputs, encode_seconds, encode_selection = encoded if encoded is not None else (None, 0.0, 0.0)
     if spec.oracle is not None:
-        seconds, lm_seconds, cache = oracle(model, family, inputs, spec.oracle)
-        run = dict(ttft=seconds, lm=lm_seconds)
+        features = None if outputs is None else outputs[family.modality].pooler_output
+        seconds, lm_seconds, cache = oracle(model, family, inputs, spec.oracle, features)
+        run = dict(ttft=encode_seconds + seconds, lm=lm_seconds)
         if details:
             run.update(kept=spec.oracle, kv_mb=kv_megabytes(cache))
         return run
+    if outputs is not None:
+        inputs = {k: v for k, v in inputs.items() if not k.startswith("pixel_values")} | dict(mm_encoder_outputs=outputs)
     seconds, out = prefill(model, inputs)
-    run = dict(ttft=seconds, selection=SELECTION.seconds)
+    run = dict(ttft=encode_seconds + seconds, selection=encode_selection + SELECTION.seconds)
     if details:
         run["kv_mb"] = kv_megabytes(out.past_key_values)
-        if spec.reducer is not None:
+        if spec.reducers:
+            trace = tokred.last_trace(model)
             run["flops"] = prefill_flops(model)
-            run["kept"] = tokred.last_trace(model).final_tokens - (inputs["input_ids"].shape[1] - n)
+            run["kept"] = trace.final_tokens - (inputs["input_ids"].shape[1] - n)
+            run["early"] = trace.tokens("projector")[0] if trace.tokens("projector") else n
     if decode_steps:
         run["decode"] = decode(model, family, inputs, out, decode_steps)
     return run
 
 
-def oracle_flops(model, inputs: dict, n: int, count: int) -> dict:
+def oracle_flops(model, inputs: dict, n: int, count: int, protected: int = 0) -> dict:
     """The oracle computes what a projector-stage Random keeping ``count`` of ``n`` tokens computes
-    (Random has no FLOPs of its own): tokred's count of that run."""
+    (Random has no FLOPs of its own; ``protected`` of the tokens are never removed): tokred's count of
+    that run."""
     if count == n:
         tokred.remove(model)
         report = tokred.flops(model, **inputs, use_cache=True, logits_to_keep=1)
         return dict(report.stages, prefill=report.total, decode_per_token=report.decode_per_token)
-    reducer = tokred.Random(keep=count / n, stage="projector")
-    assert reducer.kept(n) == count, (count, n)
-    tokred.apply(model, reducer)
+    tokred.apply(model, tokred.Random(keep=count - protected, stage="projector"))
     model(**inputs, use_cache=True, logits_to_keep=1)
     flops = prefill_flops(model)
     tokred.remove(model)
     return flops
 
 
-def benchmark(args, family, model, side: int, ks: tuple[int, ...], rounds: int, decode_steps: int) -> dict:
-    """Every configuration on one image size, interleaved over ``rounds`` timed rounds."""
+def shared_encodings(model, family, inputs: dict, specs: list[Spec]) -> dict[bool, tuple[dict, float, float]]:
+    """For the unpatched rows (False) and the reduced rows (True, all needing the same encoder signals):
+    one timed run of the family's encoder, as ``(mm_encoder_outputs, seconds, selection seconds within)``."""
+    encodings = {}
+    for reduced in (False, True):
+        spec = next((s for s in specs if bool(s.reducers) == reduced), None)
+        if spec is None:
+            continue
+        configure(model, spec)
+        SELECTION.seconds = 0.0
+        start = time.perf_counter()
+        outputs = family.encode(model, inputs)
+        encodings[reduced] = ({family.modality: outputs}, time.perf_counter() - start, SELECTION.seconds)
+    return encodings
+
+
+def benchmark(args, family, model, size: int, ks: tuple[int, ...], rounds: int, decode_steps: int) -> dict:
+    """Every configuration on one input size (an image side, or a video's frames), interleaved over
+    ``rounds`` timed rounds. Round 0 (uncounted) gives the kept counts, FLOPs and KV sizes; oracle rows
+    for counts it reveals (HoliTom's) join after it."""
     started = time.perf_counter()
-    inputs = family.inputs(model, side, args.batch, args.seed)
+    inputs = family.inputs(model, size, args.batch, args.seed)
     n = visual_tokens(family, inputs)
-    specs = make_specs(ks, family.grid(model, inputs))
+    specs = family.specs(n) if family.shares_encoder else make_specs(ks, family.grid(model, inputs))
     if args.only:  # the unreduced and full-length oracle rows are the references: always kept
         specs = [spec for spec in specs if spec.key in args.only or spec.key in ("none", f"oracle-{n}")]
     measured = {spec.key: Measured() for spec in specs}
     libc = _libc()
-    passes = rounds + 2 + (0 if args.no_memory else 1)
+    memory = not (args.no_memory or family.shares_encoder)
+    passes = rounds + 2 + memory
     progress = tqdm(total=len(specs) * passes, desc=f"bench_vlm {family.name} {n}", disable=args.no_progress)
-    with torch.inference_mode():
-        for spec in specs:  # FLOPs of the unreduced model and of the oracles: untimed runs
+
+    flops_by_count = {}
+
+    def add_oracle_flops(new: list[Spec]) -> None:  # FLOPs of the unreduced model and of the oracles: untimed
+        for spec in new:
             progress.set_postfix_str(f"FLOPs {spec.key}")
-            if spec.reducer is None:
-                measured[spec.key].flops = oracle_flops(model, inputs, n, spec.oracle or n)
-                measured[spec.key].kept = spec.oracle or n
+            if not spec.reducers:
+                count = spec.oracle or n
+                if count not in flops_by_count:
+                    flops_by_count[count] = oracle_flops(model, inputs, n, count, family.protected)
+                measured[spec.key].flops, measured[spec.key].kept = flops_by_count[count], count
             progress.update()
-        names = [spec.key for spec in specs]
+
+    def run_round(round_index: int, names: list[str]) -> None:
+        # rows that start from shared encoder outputs: every row of a timed round; in round 0 the unpatched
+        # ones only (the reduced rows run whole then, for their trace and FLOPs)
+        shared = [by_key[key] for key in names if family.shares_encoder and (round_index or not by_key[key].reducers)]
+        encodings = shared_encodings(model, family, inputs, shared)
+        shift = round_index % len(names)
+        for key in names[shift:] + names[:shift]:
+            spec = by_key[key]
+            progress.set_postfix_str(f"round {round_index}/{rounds} {key}")
+            run = run_once(model, family, inputs, spec, decode_steps, details=round_index == 0,
+                           encoded=encodings.get(bool(spec.reducers)) if spec in shared else None)
+            m = measured[key]
+            if round_index == 0:
+                m.kv_mb = run["kv_mb"]
+                m.kept = run.get("kept", m.kept)
+                m.early = run.get("early") if spec.layer is not None else None
+                m.flops = run.get("flops", m.flops)
+            else:
+                m.add(run)
+            progress.update()
+
+    with torch.inference_mode():
+        add_oracle_flops(specs)
         by_key = {spec.key: spec for spec in specs}
-        for round_index in range(rounds + 1):  # round 0: uncounted warm-up; kept counts, FLOPs, KV size
-            shift = round_index % len(names)
-            for key in names[shift:] + names[:shift]:
-                progress.set_postfix_str(f"round {round_index}/{rounds} {key}")
-                run = run_once(model, family, inputs, by_key[key], decode_steps, details=round_index == 0)
-                m = measured[key]
-                if round_index == 0:
-                    m.kv_mb = run["kv_mb"]
-                    m.kept = run.get("kept", m.kept)
-                    m.flops = run.get("flops", m.flops)
-                else:
-                    m.add(run)
-                progress.update()
-        for i, spec in enumerate([] if args.no_memory else specs):  # memory pass, after the timing rounds
+        run_round(0, list(by_key))  # the warm-up
+        counts = sorted({c for spec in specs if spec.reducers for c in (measured[spec.key].kept,
+                                                                       measured[spec.key].early) if c})
+        late = [Spec(f"oracle-{c}", "oracle", "oracle", c, oracle=c) for c in counts if f"oracle-{c}" not in by_key]
+        if late:
+            specs += late
+            measured.update({spec.key: Measured() for spec in late})
+            by_key.update({spec.key: spec for spec in late})
+            progress.total += len(late) * passes
+            add_oracle_flops(late)
+            run_round(0, [spec.key for spec in late])
+        for round_index in range(1, rounds + 1):
+            run_round(round_index, list(by_key))
+        for i, spec in enumerate(specs if memory else []):  # memory pass, after the timing rounds
             progress.set_postfix_str(f"memory {spec.key}")
             configure(model, spec)
             release_freed_memory(libc, i == 0)
@@ -610,20 +801,47 @@ def benchmark(args, family, model, side: int, ks: tuple[int, ...], rounds: int, 
             progress.update()
         tokred.remove(model)
     progress.close()
-    rows = summarise(specs, measured, model.config.text_config.num_hidden_layers, decode_steps, args.batch)
+    text = model.config.text_config
+    rows = summarise(specs, measured, text.num_hidden_layers, decode_steps, args.batch)
+    for row, spec in zip(rows, specs):
+        if spec.layer is not None and spec.stage != "llm":  # HoliTom: the reference's own FLOPs formula
+            row["reference_formula_ratio"] = reference_flops_ratio(
+                text.num_hidden_layers, spec.layer, text.hidden_size, text.intermediate_size, n, row["early"],
+                row["kept"])
     import transformers
     length = int(inputs["input_ids"].shape[1])
     shape = family.shape
     title = family.title + (" (tiny)" if args.tiny else "")
     return dict(family=family.name, title=title, parts=list(family.parts), rows=rows, tiny=args.tiny, rounds=rounds,
                 decode_steps=decode_steps, batch=args.batch, threads=torch.get_num_threads(),
-                ks=list(ks), llm_layer=LLM_LAYER, image_side=side, grid=list(family.grid(model, inputs)),
+                ks=list(ks), llm_layer=shape.get("layer", LLM_LAYER), modality=family.modality, grid=list(family.grid(model, inputs)),
+                **{"image_side" if family.modality == "image" else "frames": size},
                 prompt=dict(before=shape["before"], image=n, after=shape["after"],
                             markers=length - shape["before"] - n - shape["after"], total=length),
                 parameters=family.parameters(model),
                 shapes={k: v for k, v in shape.items() if isinstance(v, dict)}, seconds=time.perf_counter() - started,
                 torch=torch.__version__, transformers=transformers.__version__, python=platform.python_version(),
-                cpu_count=os.cpu_count())
+                cpu_count=os.cpu_count(), **({"headline": headline_ratio()} if family.modality == "video" else {}))
+
+
+def reference_flops_ratio(layers: int, layer: int, d: int, m: int, n: int, early: int, kept: int) -> float:
+    """HoliTom's headline FLOPs ratio: FastV's per-layer count 4nd^2 + 2n^2d + 2ndm on the visual
+    tokens alone (no tower, no text), layers before ``layer`` on ``early`` tokens and the others on
+    ``kept``, over every layer on ``n``."""
+    def per_layer(x: int) -> int:
+        return 4 * x * d * d + 2 * x * x * d + 2 * x * d * m
+    return (layer * per_layer(early) + (layers - layer) * per_layer(kept)) / (layers * per_layer(n))
+
+
+def headline_ratio() -> dict:
+    """The reference's formula on its headline setting (LLaVA-OneVision-7B, 32 frames, retain 0.10,
+    inner keep 0.5 at K = 18), with the token counts tokred's budget rules give (newline left out)."""
+    h = HEADLINE
+    n = h["frames"] * h["per_frame"]
+    early = round(h["retain"] * n)
+    kept = round(h["inner_keep"] * early)  # half to even, as HoliTomInner
+    return dict(HEADLINE, tokens=n, early=early, kept=kept,
+                ratio=reference_flops_ratio(h["layers"], h["layer"], h["d"], h["m"], n, early, kept))
 
 
 def summarise(specs: list[Spec], measured: dict[str, Measured], num_layers: int, decode_steps: int,
@@ -632,13 +850,12 @@ def summarise(specs: list[Spec], measured: dict[str, Measured], num_layers: int,
     full_ttft, full_flops = median(none.ttft), none.flops["prefill"]
     full_decode = median(none.decode) if decode_steps else None
     n = none.kept
-    full_lm = median(measured[f"oracle-{n}"].lm)
     rows = []
     for spec in specs:
         m = measured[spec.key]
         ttft = median(m.ttft)
         row = dict(key=spec.key, reducer=spec.label, stage=spec.stage, target=spec.target, kept=m.kept,
-                   config=repr(spec.reducer) if spec.reducer is not None else None,
+                   config=" + ".join(map(repr, spec.reducers)) or None, early=m.early,
                    ttft_s=ttft, ttft_s_rounds=m.ttft, ttft_ratio=ttft / full_ttft,
                    ttft_ratio_iqr=iqr([t / f for t, f in zip(m.ttft, none.ttft)]),
                    flops=m.flops, prefill_gflops=m.flops["prefill"] / 1e9,
@@ -649,8 +866,9 @@ def summarise(specs: list[Spec], measured: dict[str, Measured], num_layers: int,
         reference = measured.get(f"oracle-{m.kept}")
         if reference is not None and reference.ttft:
             bound = median(reference.ttft)
-            if spec.stage == "llm":  # layers 0..K-1 run at full length
-                bound += spec.reducer.layer / num_layers * (full_lm - median(reference.lm))
+            if spec.layer is not None:  # layers 0..K-1 run on the tokens before the llm stage
+                early_lm = median(measured[f"oracle-{m.early or n}"].lm)
+                bound += spec.layer / num_layers * (early_lm - median(reference.lm))
             row["oracle_bound_s"] = bound
             row["vs_oracle_bound"] = ttft / bound
         if spec.oracle is not None:
@@ -703,20 +921,39 @@ def markdown(result: dict) -> str:
     markers = f" + {prompt['markers']} markers" if prompt.get("markers") else ""
     threads = f"{result['threads']} thread" + ("s" if result["threads"] != 1 else "")
     lines.append(f"{result.get('title', 'LLaVA-1.5-shaped')}, {prompt['total']} prompt tokens ({prompt['before']} + "
-                 f"{prompt['image']} image{markers} + {prompt['after']}), "
+                 f"{prompt['image']} {result.get('modality', 'image')}{markers} + {prompt['after']}), "
                  f"batch {result['batch']}, {threads} (torch.set_num_threads), {result['rounds']} rounds + warm-up; "
                  f"parameters: {tower} {params['tower'] / 1e6:.3g}M, {projector} {params['projector'] / 1e6:.3g}M, "
                  f"{language} {params['language_model'] / 1e6:.3g}M. Full-length oracle: {tower} + {projector} "
                  f"{_num(full_oracle['ttft_s'] - full_oracle['lm_s'])} s, {language} + head "
                  f"{_num(full_oracle['lm_s'])} s. Unreduced decode {_fmt(none.get('decode_tokens_per_s'), '.2f')} "
                  f"tok/s. Run took {result['seconds'] / 60:.1f} min.")
+    if result.get("modality") == "video":
+        lines.append("")
+        lines.append("- Each timed round runs the encoder (tower, projector, pooling) once for the unpatched rows and "
+                     "once with HoliTom's tower attention; every row's prefill starts from those outputs, as "
+                     "`generate` does, and its TTFT is encoder + prefill.")
+    for row in result["rows"]:
+        if "reference_formula_ratio" in row:
+            lines.append(f"- {row['reducer']}: {row['early']} visual tokens before K, {row['kept']} from K on; "
+                         f"selection (tower attention, outer plan, attention row, inner merge) {_num(row['selection_s'])} "
+                         f"s = {row['selection_s'] / none['ttft_s']:.2%} of the unreduced TTFT; the reference's FLOPs "
+                         f"formula {row['reference_formula_ratio']:.1%} (tokred's prefill FLOPs ratio, tower and text "
+                         f"included: {row['flops_ratio']:.1%}).")
+    if "headline" in result:
+        h = result["headline"]
+        lines.append(f"- The reference's headline setting (LLaVA-OneVision-7B: {h['layers']} layers, d {h['d']}, MLP "
+                     f"{h['m']}; {h['frames']} frames, r {h['retain']:g}, inner keep {h['inner_keep']:g} at K "
+                     f"{h['layer']}): {h['tokens']} → {h['early']} → {h['kept']} visual tokens, FLOPs formula "
+                     f"{h['ratio']:.1%} (paper: 6.9%).")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--family", choices=("llava", "qwen2_vl", "all"), default="all",
-                        help="model family: the LLaVA-1.5-shaped model, the Qwen2-VL-2B-shaped one, or both")
+    parser.add_argument("--family", choices=(*FAMILIES, "all"), default="all",
+                        help="model family: the LLaVA-1.5-shaped model, the Qwen2-VL-2B-shaped one, the "
+                             "LLaVA-OneVision-0.5B-shaped one on video, or all three")
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds after the warm-up (default 3; tiny 1)")
     parser.add_argument("--decode-steps", type=int, default=None,
                         help="decode steps timed after each prefill (LLaVA 8, Qwen2-VL 4)")
@@ -728,6 +965,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--qwen-sides", type=int, nargs="+",
                         help="Qwen2-VL: square image sides in pixels, one run each (default 448 = 256 visual tokens; "
                              "896 = 1024)")
+    parser.add_argument("--frames", type=int, nargs="+",
+                        help="OneVision video: frames per clip, one run each (default 8 16)")
     parser.add_argument("--only", nargs="+", metavar="KEY",
                         help="run only these rows (e.g. divprune-256 dart-256 oracle-256); the unreduced and "
                              "full-length oracle rows always run")
@@ -736,10 +975,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tiny", action="store_true", help="toy models (16 visual tokens) for smoke tests")
     parser.add_argument("--json", type=Path, help="also write every number here ({'runs': [one per table]})")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--readme", type=Path, nargs="?", const=Path("README.md"), default=None,
+                        help="with --family onevision_video: put its tables between "
+                             f"{README_MARKERS[0]} and {README_MARKERS[1]} of this file (default README.md)")
     args = parser.parse_args(argv)
+    if args.readme is not None:
+        text = args.readme.read_text() if args.readme.is_file() else ""
+        if args.family != "onevision_video" or any(text.count(marker) != 1 for marker in README_MARKERS):
+            parser.error(f"--readme needs --family onevision_video and a file holding {README_MARKERS[0]} and "
+                         f"{README_MARKERS[1]} once each; got --family {args.family}, {args.readme}")
     torch.set_num_threads(args.threads)
     runs = []
-    for name in ("llava", "qwen2_vl") if args.family == "all" else (args.family,):
+    for name in FAMILIES if args.family == "all" else (args.family,):
         family_class, full, tiny = FAMILIES[name]
         shape = tiny if args.tiny else full
         family = family_class(shape)
@@ -748,10 +995,12 @@ def main(argv: list[str] | None = None) -> dict:
         started = time.perf_counter()
         model = family.build(args.seed)
         built = time.perf_counter() - started
-        sides = (args.qwen_sides or family.sides(model)) if name == "qwen2_vl" else family.sides(model)
-        for side in sides:
+        sizes = {"qwen2_vl": args.qwen_sides, "onevision_video": args.frames}.get(name) or family.sides(model)
+        for side in sizes:
             if name == "llava":
                 ks = tuple(args.ks) if args.ks else shape["ks"]
+            elif name == "onevision_video":
+                ks = ()  # HoliTom's budgets: shape["retains"]
             else:
                 patches = side // model.config.vision_config.patch_size
                 n = patches * patches // model.config.vision_config.spatial_merge_size ** 2
@@ -763,6 +1012,11 @@ def main(argv: list[str] | None = None) -> dict:
             print(markdown(result), flush=True)
         del model
         gc.collect()
+    if args.readme is not None:
+        tables_text = "\n\n".join(f"**{run['frames']} frames** ({run['prompt']['image']} visual tokens):\n\n"
+                                  f"{markdown(run)}" for run in runs)
+        sweep.update_readme(args.readme, tables_text, image=None, markers=README_MARKERS)
+        print(f"updated {args.readme}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(dict(runs=runs), indent=2, default=str))

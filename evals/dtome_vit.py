@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 import tokred
-from tokred.cli import tables
+from tokred.cli import sweep, tables
 from tokred.reference import load_reference_data, load_reference_model, load_reference_train_data
 
 MARKERS = ("<!-- dtome-vit:start -->", "<!-- dtome-vit:end -->")
@@ -63,9 +63,7 @@ def main(argv=None) -> int:
                                    "FLOPs ratio (per image)", "top-1"], align="lrrrr")
     print(table)
     if args.readme is not None:
-        text = args.readme.read_text()
-        start, end = (text.index(m) for m in MARKERS)
-        args.readme.write_text(text[:start] + MARKERS[0] + "\n" + table + "\n" + text[end:])
+        sweep.update_readme(args.readme, table, image=None, markers=MARKERS)
         print(f"updated {args.readme}")
     return 0
 

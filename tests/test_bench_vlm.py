@@ -1,5 +1,6 @@
-"""evals/bench_vlm.py end to end on its tiny LLaVA and tiny Qwen2-VL (16 visual tokens each), in a
-subprocess (the memory pass changes the process's malloc settings)."""
+"""evals/bench_vlm.py end to end on its tiny LLaVA and tiny Qwen2-VL (16 visual tokens each) and its tiny
+LLaVA-OneVision video (4 frames x 16 tokens + the newline), in a subprocess (the memory pass changes the
+process's malloc settings)."""
 from __future__ import annotations
 
 import json
@@ -24,14 +25,15 @@ def test_bench_vlm_tiny_runs_and_reports_every_configuration(tmp_path):
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
     runs = json.loads(out.read_text())["runs"]
-    assert [run["family"] for run in runs] == ["llava", "qwen2_vl"]  # --family defaults to all
+    assert [run["family"] for run in runs] == ["llava", "qwen2_vl", "onevision_video"]  # --family defaults to all
 
     table = [line for line in done.stdout.splitlines() if line.startswith("| ") and not line.startswith("| reducer")]
-    assert len(table) == 2 * len(EXPECTED)
+    assert len(table) == sum(len(run["rows"]) for run in runs)
     labels = [line.split("|")[1].strip() for line in table]
     assert labels == [row["reducer"] for run in runs for row in run["rows"]]
+    check_video_run(runs[2], done.stdout)
 
-    for run in runs:
+    for run in runs[:2]:
         family = run["family"]
         rows = {row["key"]: row for row in run["rows"]}
         assert list(rows) == EXPECTED, family
@@ -95,3 +97,34 @@ def test_bench_vlm_qwen_oracle_matches_the_reduced_model():
         with tokred.applied(model, First(keep=0.25, stage="projector")):
             got = model(**inputs, logits_to_keep=1).logits
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def check_video_run(run: dict, stdout: str) -> None:
+    """HoliTom (both stages) at retain 0.10 and 0.25 on the tiny OneVision video, with an oracle at each
+    count it reaches (before and after the inner stage), and the reference's FLOPs formula."""
+    rows = {row["key"]: row for row in run["rows"]}
+    n = run["prompt"]["image"]
+    assert n == 4 * 16 + 1 and run["frames"] == 4 and run["modality"] == "video"
+    none = rows["none"]
+    assert none["flops"]["prefill"] == rows[f"oracle-{n}"]["flops"]["prefill"]
+    text = run["shapes"]["text"]
+    d, m, layers, k = text["hidden_size"], text["intermediate_size"], text["num_hidden_layers"], run["llm_layer"]
+    for retain in (0.1, 0.25):
+        row = rows[f"holitom-{retain:g}"]
+        early, kept = row["early"], row["kept"]
+        assert 1 < kept < early < n, row
+        assert kept == 1 + round((early - 1) / 2)  # the inner stage keeps half the visual tokens; the newline stays
+        assert {f"oracle-{early}", f"oracle-{kept}"} <= set(rows)
+        # fewer FLOPs than the unreduced model, more than the oracle on the final count (K layers on `early`)
+        assert rows[f"oracle-{kept}"]["flops"]["prefill"] < row["flops"]["prefill"] < none["flops"]["prefill"]
+        assert 0 <= row["selection_share"] < 1 and math.isfinite(row["vs_oracle_bound"])
+
+        def per_layer(x):
+            return 4 * x * d * d + 2 * x * x * d + 2 * x * d * m
+        expected = (k * per_layer(early) + (layers - k) * per_layer(kept)) / (layers * per_layer(n))
+        assert math.isclose(row["reference_formula_ratio"], expected, rel_tol=1e-12)
+        assert f"the reference's FLOPs formula {100 * expected:.1f}%" in stdout
+    # the headline: 32 frames x 196 tokens, 10% kept (627), half of them from layer 18 of 28 (314): about 6.8%
+    headline = run["headline"]
+    assert (headline["tokens"], headline["early"], headline["kept"]) == (6272, 627, 314)
+    assert round(100 * headline["ratio"], 1) == 6.8

@@ -213,9 +213,10 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def update_readme(readme: Path, markdown: str, image: str = README_IMAGE, markers=(README_START, README_END),
+def update_readme(readme: Path, markdown: str, image: str | None = README_IMAGE, markers=(README_START, README_END),
                   alt: str = "FLOPs ratio versus top-1 and agreement per reducer family") -> None:
-    """Replace what lies between the two ``markers`` in ``readme`` with ``markdown`` and an image link."""
+    """Replace what lies between the two ``markers`` in ``readme`` with ``markdown`` and a link to
+    ``image`` (none when None)."""
     start_marker, end_marker = markers
     text = readme.read_text()
     if text.count(start_marker) != 1 or text.count(end_marker) != 1:
@@ -224,7 +225,8 @@ def update_readme(readme: Path, markdown: str, image: str = README_IMAGE, marker
     if end < start:
         raise ValueError(f"in {readme}, {end_marker} comes before {start_marker}")
     head, tail = text[:start], text[end + len(end_marker):]
-    block = f"{start_marker}\n{markdown}\n\n![{alt}]({image})\n{end_marker}"
+    link = "" if image is None else f"\n![{alt}]({image})\n"
+    block = f"{start_marker}\n{markdown}\n{link}{end_marker}"
     readme.write_text(head + block + tail)
 
 
