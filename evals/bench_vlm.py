@@ -214,6 +214,10 @@ class Llava:
     def decode_kwargs(self, step: int) -> dict:
         return {}
 
+    def specs(self, n: int, ks: tuple[int, ...], grid: tuple[int, int]) -> list[Spec]:
+        """The rows for ``n`` visual tokens on a ``grid``: :func:`make_specs` at the kept counts ``ks``."""
+        return make_specs(ks, grid)
+
     def visual_features(self, model, inputs: dict) -> Tensor:
         """(B, n, D) visual tokens of the unpatched tower + projector."""
         config = model.config
@@ -380,8 +384,9 @@ class OneVisionVideo(Llava):
     def visual_features(self, model, inputs: dict) -> Tensor:
         return self.encode(model, inputs).pooler_output
 
-    def specs(self, n: int) -> list[Spec]:
-        """The unreduced model, the full-length oracle and HoliTom (both stages) at each retain."""
+    def specs(self, n: int, ks: tuple[int, ...], grid: tuple[int, int]) -> list[Spec]:
+        """The unreduced model, the full-length oracle and HoliTom (both stages) at each of the shape's
+        retains (``ks`` unused)."""
         layer = self.shape["layer"]
         specs = [Spec("none", "none", "—", n), Spec(f"oracle-{n}", "oracle (unpatched, full length)", "oracle", n,
                                                     oracle=n)]
@@ -409,8 +414,6 @@ class Spec:
     target: int  # the kept count the row is grouped under
     reducers: tuple[tokred.reducers.base.Reducer, ...] = ()
     oracle: int | None = None
-    #: llm-stage rows: visual tokens in the layers before K (None: all of them; HoliTom: its outer stage's)
-    early: int | None = None
 
     @property
     def layer(self) -> int | None:
@@ -729,7 +732,7 @@ def benchmark(args, family, model, size: int, ks: tuple[int, ...], rounds: int, 
     started = time.perf_counter()
     inputs = family.inputs(model, size, args.batch, args.seed)
     n = visual_tokens(family, inputs)
-    specs = family.specs(n) if family.shares_encoder else make_specs(ks, family.grid(model, inputs))
+    specs = family.specs(n, ks, family.grid(model, inputs))
     if args.only:  # the unreduced and full-length oracle rows are the references: always kept
         specs = [spec for spec in specs if spec.key in args.only or spec.key in ("none", f"oracle-{n}")]
     measured = {spec.key: Measured() for spec in specs}
