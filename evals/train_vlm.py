@@ -20,7 +20,8 @@ the step-N snapshot of the full schedule (checked bit for bit on a short run).
 
 The shipped ``assets/digits_vlm`` is the step-2000 snapshot of the default schedule (600, 600,
 3600 steps; 56 minutes on one thread of a busy 2-core CPU): description 97.7% per cell on the
-test split, the question families 28-50% (see assets/digits_vlm/README.md).
+test split, the question families 28-50% (see assets/digits_vlm/README.md). Both shipped checkpoints
+reproduce byte for byte with the same torch / transformers releases and ``--threads`` (rerun 2026-11-30).
 
 ``--video`` trains the video model instead: a ``LlavaOnevisionForConditionalGeneration`` with the
 same tower, projector and language model (OneVision pools each frame's 8x8 tokens to 4x4, one token
