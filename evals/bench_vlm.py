@@ -36,23 +36,24 @@ ratios compare rows of one table only. The models are built in code with seeded 
   (LLaVA-OneVision-7B, 32 frames: 6.9% in the paper).
 
 Every configuration runs once per round in a rotating order (plus an uncounted
-warm-up round); times are medians over rounds and every ratio is against the unreduced model's
-median in the same rounds. Columns: *kept* = visual tokens that reach the language model (for
-llm-stage reducers: the layers from K on); *TTFT s* = time to first token, one
-``model(..., use_cache=True, logits_to_keep=1)`` prefill; *TTFT ratio* = TTFT / unreduced TTFT;
-*prefill GFLOPs* = tokred's analytic count (tower + projector + language model prefill, reducer
-included); *FLOPs ratio* = the same over the unreduced count; *speedup ÷ predicted* = measured
-speedup / FLOPs-predicted speedup (= FLOPs ratio / TTFT ratio); *vs oracle bound* = TTFT / the
-fastest this reducer could be: the oracle's TTFT (the unpatched tower + projector, then the
-unpatched language model + head on a sequence of text + kept tokens) at the same kept count, plus
-for llm-stage reducers K/L of the measured language-model time difference between the oracles on the
-tokens before K (all of them for DART and FastV; HoliTom's outer stage's) and on the kept ones;
-*selection %* = the reducer's own selection (``plan_images`` / ``plan_sequence``, the language model's
-attention row for FastV and HoliTom's inner stage, the tower attention for HoliTom) timed inside the
-run, as a share of the row's TTFT; *decode tok/s ratio* = decode tokens/s over the unreduced
-model's (greedy, ``--decode-steps`` steps after the prefill); *peak MB* = peak process RSS during
-the prefill minus the RSS just before it (sampled every 2 ms in a separate pass after the timing
-rounds, with glibc's malloc set to return freed memory); *KV MB* = bytes of the key and value
+warm-up round); times are medians over rounds, and every ratio is the median of its per-round
+ratios (each against a row of the same round). Columns: *kept* = visual tokens that reach the
+language model (for llm-stage reducers: the layers from K on); *TTFT s* = time to first token, one
+``model(..., use_cache=True, logits_to_keep=1)`` prefill; *TTFT ratio* = TTFT / unreduced TTFT, with
+the quartiles of the per-round ratios; *prefill GFLOPs* = tokred's analytic count (tower +
+projector + language model prefill, reducer included); *FLOPs ratio* = the same over the
+unreduced count; *speedup ÷ predicted* = measured speedup / FLOPs-predicted speedup (= FLOPs ratio
+/ TTFT ratio); *vs oracle bound* = TTFT / the fastest this reducer could be: the oracle's TTFT (the
+unpatched tower + projector, then the unpatched language model + head on a sequence of text + kept
+tokens) at the same kept count, plus for llm-stage reducers K/L of the measured language-model time
+difference between the oracles on the tokens before K (all of them for DART and FastV; HoliTom's
+outer stage's) and on the kept ones; *selection %* = the reducer's own selection (``plan_images`` /
+``plan_sequence``, the language model's attention row for FastV and HoliTom's inner stage, the
+tower attention for HoliTom) timed inside the run, as a share of the row's TTFT; *decode tok/s
+ratio* = decode tokens/s over the unreduced model's (greedy, ``--decode-steps`` steps after the
+prefill); *peak MB* = peak process RSS during the prefill minus the RSS just before it (sampled
+every 2 ms in a separate pass after the timing rounds, with glibc's malloc set to return freed
+memory); *KV MB* = bytes of the key and value
 cache after the prefill. Oracle rows have no decode or selection (—).
 """
 from __future__ import annotations
@@ -709,11 +710,12 @@ def oracle_flops(model, inputs: dict, n: int, count: int, protected: int = 0) ->
     return flops
 
 
-def shared_encodings(model, family, inputs: dict, specs: list[Spec]) -> dict[bool, tuple[dict, float, float]]:
+def shared_encodings(model, family, inputs: dict, specs: list[Spec],
+                     round_index: int) -> dict[bool, tuple[dict, float, float]]:
     """For the unpatched rows (False) and the reduced rows (True, all needing the same encoder signals):
     one timed run of the family's encoder, as ``(mm_encoder_outputs, seconds, selection seconds within)``."""
     encodings = {}
-    for reduced in (False, True):
+    for reduced in (False, True) if round_index % 2 else (True, False):  # alternate which runs first
         spec = next((s for s in specs if bool(s.reducers) == reduced), None)
         if spec is None:
             continue
@@ -757,7 +759,7 @@ def benchmark(args, family, model, size: int, ks: tuple[int, ...], rounds: int, 
         # rows that start from shared encoder outputs: every row of a timed round; in round 0 the unpatched
         # ones only (the reduced rows run whole then, for their trace and FLOPs)
         shared = [by_key[key] for key in names if family.shares_encoder and (round_index or not by_key[key].reducers)]
-        encodings = shared_encodings(model, family, inputs, shared)
+        encodings = shared_encodings(model, family, inputs, shared, round_index)
         shift = round_index % len(names)
         for key in names[shift:] + names[:shift]:
             spec = by_key[key]
@@ -850,30 +852,29 @@ def headline_ratio() -> dict:
 def summarise(specs: list[Spec], measured: dict[str, Measured], num_layers: int, decode_steps: int,
               batch: int) -> list[dict]:
     none = measured["none"]
-    full_ttft, full_flops = median(none.ttft), none.flops["prefill"]
-    full_decode = median(none.decode) if decode_steps else None
+    full_flops = none.flops["prefill"]
     n = none.kept
     rows = []
     for spec in specs:
         m = measured[spec.key]
         ttft = median(m.ttft)
+        ratios = [t / f for t, f in zip(m.ttft, none.ttft)]  # paired: the same round
         row = dict(key=spec.key, reducer=spec.label, stage=spec.stage, target=spec.target, kept=m.kept,
                    config=" + ".join(map(repr, spec.reducers)) or None, early=m.early,
-                   ttft_s=ttft, ttft_s_rounds=m.ttft, ttft_ratio=ttft / full_ttft,
-                   ttft_ratio_iqr=iqr([t / f for t, f in zip(m.ttft, none.ttft)]),
+                   ttft_s=ttft, ttft_s_rounds=m.ttft, ttft_ratio=median(ratios), ttft_ratio_iqr=iqr(ratios),
                    flops=m.flops, prefill_gflops=m.flops["prefill"] / 1e9,
                    flops_ratio=m.flops["prefill"] / full_flops)
         row["predicted_speedup"] = full_flops / m.flops["prefill"]
-        row["measured_speedup"] = full_ttft / ttft
+        row["measured_speedup"] = 1 / row["ttft_ratio"]
         row["of_predicted"] = row["measured_speedup"] / row["predicted_speedup"]
         reference = measured.get(f"oracle-{m.kept}")
         if reference is not None and reference.ttft:
-            bound = median(reference.ttft)
+            bounds = list(reference.ttft)
             if spec.layer is not None:  # layers 0..K-1 run on the tokens before the llm stage
-                early_lm = median(measured[f"oracle-{m.early or n}"].lm)
-                bound += spec.layer / num_layers * (early_lm - median(reference.lm))
-            row["oracle_bound_s"] = bound
-            row["vs_oracle_bound"] = ttft / bound
+                early = measured[f"oracle-{m.early or n}"]
+                bounds = [b + spec.layer / num_layers * (e - r) for b, e, r in zip(bounds, early.lm, reference.lm)]
+            row["oracle_bound_s"] = median(bounds)
+            row["vs_oracle_bound"] = median([t / b for t, b in zip(m.ttft, bounds)])
         if spec.oracle is not None:
             row["lm_s"] = median(m.lm)
             row["lm_s_rounds"] = m.lm
@@ -884,7 +885,7 @@ def summarise(specs: list[Spec], measured: dict[str, Measured], num_layers: int,
             if decode_steps:
                 row["decode_s_rounds"] = m.decode
                 row["decode_tokens_per_s"] = decode_steps * batch / median(m.decode)
-                row["decode_ratio"] = full_decode / median(m.decode)
+                row["decode_ratio"] = median([f / d for d, f in zip(m.decode, none.decode)])
         row["kv_mb"], row["peak_mb"] = m.kv_mb, m.peak_mb
         rows.append(row)
     return rows
