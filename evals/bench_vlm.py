@@ -3,7 +3,8 @@ reducers, against the unreduced model and against an "oracle" in the same proces
 
 Run ``python evals/bench_vlm.py [--family llava|qwen2_vl|onevision_video|all] [--rounds 3] [--threads 2]
 [--batch 1] [--json out.json]`` (LLaVA: about 10-40 minutes on 2 threads; Qwen2-VL at 448 px: about 35
-minutes on 1 thread; ``--tiny`` runs toy models of every family in seconds). Each family gets its own table;
+minutes on 1 thread; OneVision video at 8 and 16 frames: about 31 minutes on 2 threads; ``--tiny`` runs
+toy models of every family in seconds). Each family gets its own table;
 ratios compare rows of one table only. The models are built in code with seeded random weights
 (speed does not depend on them), float32, SDPA:
 
@@ -960,7 +961,7 @@ def main(argv: list[str] | None = None) -> dict:
                              "LLaVA-OneVision-0.5B-shaped one on video, or all three")
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds after the warm-up (default 3; tiny 1)")
     parser.add_argument("--decode-steps", type=int, default=None,
-                        help="decode steps timed after each prefill (LLaVA 8, Qwen2-VL 4)")
+                        help="decode steps timed after each prefill (LLaVA 8, Qwen2-VL and OneVision video 4)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--ks", type=int, nargs="+", help="LLaVA: kept visual token counts (default 64 128 192)")

@@ -128,3 +128,32 @@ def check_video_run(run: dict, stdout: str) -> None:
     headline = run["headline"]
     assert (headline["tokens"], headline["early"], headline["kept"]) == (6272, 627, 314)
     assert round(100 * headline["ratio"], 1) == 6.8
+
+
+def test_ratios_are_medians_of_per_round_ratios():
+    """TTFT ratio and vs oracle bound pair each row with the rows of the same round (hand-worked, 3 rounds
+    where the median of the ratios differs from the ratio of the medians)."""
+    sys.path.insert(0, str(REPO / "evals"))
+    try:
+        import bench_vlm
+    finally:
+        sys.path.remove(str(REPO / "evals"))
+    import tokred
+
+    flops = dict(prefill=100.0)
+    specs = [bench_vlm.Spec("none", "none", "—", 16), bench_vlm.Spec("oracle-16", "oracle", "oracle", 16, oracle=16),
+             bench_vlm.Spec("oracle-4", "oracle", "oracle", 4, oracle=4),
+             bench_vlm.Spec("dart-4", "DART", "llm", 4, (tokred.DART(keep=4, layer=2),))]
+    measured = {
+        "none": bench_vlm.Measured(ttft=[10.0, 20.0, 30.0], selection=[0, 0, 0], flops=flops, kept=16),
+        "oracle-16": bench_vlm.Measured(ttft=[10.0, 20.0, 30.0], lm=[4.0, 8.0, 4.0], flops=flops, kept=16),
+        "oracle-4": bench_vlm.Measured(ttft=[6.0, 10.0, 20.0], lm=[1.0, 2.0, 1.0], flops=flops, kept=4),
+        "dart-4": bench_vlm.Measured(ttft=[9.0, 12.0, 27.0], selection=[0, 0, 0], flops=flops, kept=4, early=16),
+    }
+    rows = {row["key"]: row for row in bench_vlm.summarise(specs, measured, num_layers=4, decode_steps=0, batch=1)}
+    dart = rows["dart-4"]
+    assert math.isclose(dart["ttft_ratio"], 0.9)  # rounds: 0.9, 0.6, 0.9 (ratio of medians: 12 / 20 = 0.6)
+    # bounds per round: oracle-4 + K/L (lm at 16 - lm at 4) = 6 + 1.5, 10 + 3, 20 + 1.5
+    assert math.isclose(dart["oracle_bound_s"], 13.0)
+    assert math.isclose(dart["vs_oracle_bound"], 1.2)  # rounds: 1.2, 0.923, 1.256 (ratio of medians: 12 / 13)
+    assert math.isclose(rows["oracle-4"]["ttft_ratio"], 0.6)  # rounds: 0.6, 0.5, 0.667 (ratio of medians: 0.5)
