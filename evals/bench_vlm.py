@@ -128,7 +128,7 @@ LLM_LAYER = 2  # K for DART and FastV
 # inner stage keep 0.5 at K = 18.
 ONEVISION_FULL = dict(
     tower=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26, num_attention_heads=16,
-               image_size=384, patch_size=14),
+               image_size=384, patch_size=14, vision_use_head=False),
     text=dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
               num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
               rope_parameters={"rope_type": "default", "rope_theta": 1e6}),
@@ -137,7 +137,7 @@ ONEVISION_FULL = dict(
 )
 ONEVISION_TINY = dict(
     tower=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-               image_size=112, patch_size=14),
+               image_size=112, patch_size=14, vision_use_head=False),
     text=dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024),
     image_token=997, video_token=998, pad_token=999, before=14, after=20, frames=(4,),
