@@ -15,7 +15,8 @@ from tokred.reducers.thresholds import Thresholds, threshold_plan
 def brute_force_thresholds(q, k, scale, sizes, protected, merge, prune):
     """The hard rule for one image, token by token: returns the groups of input tokens per output.
     Attention is proportional (log size added to the logits), so size-0 tokens are invisible;
-    A and B alternate over the live tokens."""
+    A and B alternate over the live tokens. When every live patch token would go, the most
+    important one stays."""
     n = q.shape[1]
     alive = [size > 0 for size in sizes]
     live = [j for j in range(n) if alive[j]]
@@ -36,10 +37,16 @@ def brute_force_thresholds(q, k, scale, sizes, protected, merge, prune):
         if best > merge and target not in pruned:
             merged[a] = target
     survivors = [j for j in live if j not in pruned and j not in merged]
+    patches = [j for j in live if j >= protected]
+    if patches and not any(j >= protected for j in survivors):
+        spared = max(patches, key=lambda j: importance[j])
+        pruned.discard(spared)
+        merged.pop(spared, None)
+        survivors = sorted(survivors + [spared])
     return [sorted([j] + [a for a, t in merged.items() if t == j]) for j in survivors]
 
 
-@pytest.mark.parametrize("merge,prune", [(0.2, 0.6), (0.5, -math.inf), (math.inf, 0.9), (-1.0, 0.0)])
+@pytest.mark.parametrize("merge,prune", [(0.2, 0.6), (0.5, -math.inf), (math.inf, 0.9), (-1.0, 0.0), (-1.0, 100.0)])
 @pytest.mark.parametrize("protected", [1, 2])
 def test_hard_rule_equals_brute_force(merge, prune, protected):
     torch.manual_seed(protected)
@@ -156,6 +163,34 @@ def test_an_image_without_protected_tokens_keeps_its_most_important_token():
     plan = threshold_plan(signal, merge_threshold=-1.0, prune_threshold=100.0)  # everything would go
     importance = Heads(q, k, 0.5, None).received()
     assert plan.keep.tolist() == importance.argmax(dim=1, keepdim=True).tolist()
+
+
+def _avg_pooled_models():
+    from tiny_families import tiny_eva
+
+    yield "timm_avg", tiny_vit(global_pool="avg"), lambda model, x: model(x)
+    yield "eva", tiny_eva(), lambda model, x: model(x)
+    open_clip = pytest.importorskip("open_clip")
+    torch.manual_seed(0)
+    clip = open_clip.model.CLIP(embed_dim=32, vision_cfg=dict(image_size=32, patch_size=4, width=48, layers=3,
+                                                              head_width=16, pool_type="avg"),
+                                text_cfg=dict(context_length=16, vocab_size=100, width=32, heads=2, layers=1)).eval()
+    yield "open_clip_avg", clip, lambda model, x: model.encode_image(x)
+
+
+@pytest.mark.parametrize("name", ["timm_avg", "eva", "open_clip_avg"])
+def test_pruning_every_patch_token_keeps_one_per_image_and_stays_finite(name):
+    """Average pooling over no patch token would be NaN: the most important patch token stays."""
+    _, model, run = next(m for m in _avg_pooled_models() if m[0] == name)
+    torch.manual_seed(2)
+    images = torch.randn(3, 3, 32, 32)
+    tokred.apply(model, Thresholds(merge=-1.0, prune=1e9))
+    with torch.no_grad():
+        out = run(model, images)
+    trace = tokred.last_trace(model)
+    assert torch.isfinite(out).all()
+    last = trace.layers[-1]
+    assert last.tokens_out == trace.num_prefix + 1 and last.tokens_per_image in (None, [trace.num_prefix + 1] * 3)
 
 
 def test_an_empty_batch_gives_an_empty_output_like_the_unpatched_model():

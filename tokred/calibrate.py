@@ -110,7 +110,7 @@ class Calibration(nn.Module):
         kept = torch.cat([torch.ones_like(kept[:, :protected]), kept[:, protected:]], dim=1)
         merging = straight_through(best.clamp(min=-2.0), self.merge[layer], self.temperature)
         merging = merging * is_a * kept * kept.gather(1, target)
-        spared = last_token_guard(alive, importance, (kept * (1 - merging)) == 0)
+        spared = last_token_guard(alive, importance, (kept * (1 - merging)) == 0, protected)
         kept, merging = torch.where(spared, 1.0, kept), torch.where(spared, 0.0, merging)
 
         size, presence = size * kept, presence * kept

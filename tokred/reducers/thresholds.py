@@ -45,11 +45,14 @@ def token_scores(signal: Signal) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor
     return alive, importance, is_a, best, best_index
 
 
-def last_token_guard(alive: Tensor, importance: Tensor, removed: Tensor) -> Tensor:
-    """(B, N) bool: the most important live token of every image whose live tokens would all be
-    removed (possible without a protected class token), so no image is left with none."""
-    emptied = ~(alive & ~removed).any(dim=1, keepdim=True)
-    best = importance.masked_fill(~alive, -math.inf).argmax(dim=1, keepdim=True)
+def last_token_guard(alive: Tensor, importance: Tensor, removed: Tensor, num_protected: int) -> Tensor:
+    """(B, N) bool: the most important live patch token (past the ``num_protected`` prefix) of
+    every image whose live patch tokens would all be removed, so no image is left with only its
+    protected tokens (average pooling over no patch token is NaN)."""
+    patch = alive.clone()
+    patch[:, :num_protected] = False
+    emptied = ~(patch & ~removed).any(dim=1, keepdim=True) & patch.any(dim=1, keepdim=True)
+    best = importance.masked_fill(~patch, -math.inf).argmax(dim=1, keepdim=True)
     return torch.zeros_like(alive).scatter_(1, best, True) & emptied
 
 
@@ -59,7 +62,7 @@ def threshold_plan(signal: Signal, merge_threshold: float, prune_threshold: floa
     A token is pruned when its importance is below the prune threshold; an A token that is not
     pruned merges into its best B match when the score is above the merge threshold and that B
     token is not pruned. Protected tokens always survive, and so does an image's most important
-    token when everything else would go. Survivors keep their order; images with fewer
+    patch (unprotected) token when every patch token would go. Survivors keep their order; images with fewer
     survivors are padded (``Plan.padded``).
     """
     protected = signal.num_protected
@@ -68,7 +71,7 @@ def threshold_plan(signal: Signal, merge_threshold: float, prune_threshold: floa
     positions = torch.arange(num_tokens, device=alive.device)
     pruned = alive & (importance < prune_threshold) & (positions >= protected)
     merged = is_a & ~pruned & (best > merge_threshold) & ~pruned.gather(1, target)
-    spared = last_token_guard(alive, importance, pruned | merged)
+    spared = last_token_guard(alive, importance, pruned | merged, protected)
     pruned, merged = pruned & ~spared, merged & ~spared
     survives = alive & ~pruned & ~merged
     counts, merge_counts = survives.sum(dim=1), merged.sum(dim=1)
@@ -86,6 +89,9 @@ def threshold_plan(signal: Signal, merge_threshold: float, prune_threshold: floa
 @dataclass(frozen=True)
 class Thresholds(Reducer):
     """Per-block merge and prune thresholds (hard at inference; :func:`tokred.calibrate` learns them).
+
+    Every image keeps at least one patch token: when all its patch tokens would go, its most
+    important one (by attention received) stays, so average pooling never averages nothing.
 
     Args:
         merge: merge threshold on the cosine similarity of keys (one float, or one per block);
