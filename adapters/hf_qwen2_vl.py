@@ -195,6 +195,16 @@ class Qwen2VLAdapter(VisionLanguageAdapter):
             units = units[torch.argsort(window_index)]
         return list(units.split((grid.prod(dim=-1) // self.merge ** 2).tolist()))
 
+    def _decode_positions(self, position_ids: Tensor | None) -> Tensor | None:
+        """generate's decode positions (4, B, Q): each row the prompt's last position + 1 onwards, which
+        after a video is not its maximum + 1 (transformers places the text after a video at its
+        spatial, not its time, extent). Removed tokens do not change them, so they are used as given."""
+        if position_ids is None:
+            return None
+        if position_ids.dim() != 3 or position_ids.shape[0] not in (3, 4):
+            raise ValueError(f"Qwen2-VL position_ids must be (3, B, L) or (4, B, L), got {tuple(position_ids.shape)}")
+        return position_ids[-3:].permute(1, 2, 0)
+
     def _after_prefill(self, next_position: Tensor, kept_length: Tensor) -> None:
         self.model.model.rope_deltas = (next_position - kept_length)[:, None]
 

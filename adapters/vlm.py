@@ -212,7 +212,8 @@ class VisionLanguageAdapter(Adapter):
             if visual:
                 raise ValueError("this cache holds a reduced prefill; tokred cannot add new images or videos to it. "
                                  "Start a new prefill with an empty cache (or none) for a prompt with new ones")
-            return self._decode(state, input_ids, inputs_embeds, attention_mask, cache, logits_to_keep)
+            return self._decode(state, input_ids, inputs_embeds, attention_mask, cache, logits_to_keep,
+                                self._decode_positions(kwargs.get("position_ids")))
         call = dict(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
                     inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache, logits_to_keep=logits_to_keep,
                     **kwargs, **{self.cache_keyword: cache})
@@ -404,9 +405,15 @@ class VisionLanguageAdapter(Adapter):
         self.logit_rows = out.logits.shape[0] * out.logits.shape[1]
         return out
 
-    def _decode(self, segments, input_ids, inputs_embeds, attention_mask, cache, logits_to_keep):
+    def _decode_positions(self, position_ids: Tensor | None) -> Tensor | None:
+        """The decode step's positions in the scheme's layout when the caller's ones are the unpatched
+        model's whatever was removed (None: the engine's next positions)."""
+        return None
+
+    def _decode(self, segments, input_ids, inputs_embeds, attention_mask, cache, logits_to_keep, positions=None):
         hidden = self.language_model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        return self._output(self.engine.decode(segments, hidden, attention_mask, cache), logits_to_keep, None, cache)
+        return self._output(self.engine.decode(segments, hidden, attention_mask, cache, positions), logits_to_keep,
+                            None, cache)
 
     def output_class(self) -> type:
         """The output dataclass the unpatched forward returns."""

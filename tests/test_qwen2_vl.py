@@ -267,3 +267,55 @@ def test_deepcopy_runs_the_copy(models):
         clone.lm_head.weight.data.zero_()
         assert torch.equal(clone(**inputs).logits, torch.zeros_like(expected))
         assert torch.equal(model(**inputs).logits, expected)
+
+
+def long_video_inputs(kind, after):
+    """One video of 8 frames of a single merged token (time positions 0..7 beside spatial 0), for
+    Qwen2.5-VL spaced by tokens_per_second x 2 s, with or without text after it."""
+    inputs = qwen_media_inputs([([5, 6], after)], [[("video", [8, 2, 2])]])
+    if kind == "qwen2_5_vl":
+        inputs["second_per_grid_ts"] = torch.tensor([2.0])
+    return inputs
+
+
+def traced_generate(model, inputs, steps=4):
+    """Tokens, every step's logits and, per decoder layer, the rotary (cos) of the first decode step."""
+    seen = {}
+
+    def record(module, args, kwargs):
+        if args[0].shape[1] == 1 and module not in seen:
+            seen[module] = kwargs["position_embeddings"][0].clone()
+
+    layers = model.model.language_model.layers
+    handles = [layer.register_forward_pre_hook(record, with_kwargs=True) for layer in layers]
+    try:
+        out = model.generate(**inputs, max_new_tokens=steps, do_sample=False, suppress_tokens=SUPPRESS,
+                             pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return out.sequences, torch.stack(out.logits), [seen[layer] for layer in layers]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("after", [[], [8, 9, 10]], ids=["video_last", "text_after"])
+@pytest.mark.parametrize("reducers", [(tokred.FastV(keep=8, layer=1),), (tokred.DivPrune(keep=1.0),),
+                                      (tokred.DART(keep=1.0, layer=1),)], ids=str)
+@torch.no_grad()
+def test_keeping_everything_decodes_a_long_video_as_unpatched(models, kind, after, reducers):
+    """Time positions beyond the spatial ones: decode steps take the unpatched model's positions."""
+    model = models[kind]
+    inputs = long_video_inputs(kind, after)
+    positions, _ = model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
+                                              video_grid_thw=inputs["video_grid_thw"],
+                                              attention_mask=inputs["attention_mask"],
+                                              **({"second_per_grid_ts": inputs["second_per_grid_ts"]}
+                                                 if kind == "qwen2_5_vl" else {}))
+    assert positions[0, 0].max() > positions[1:, 0].max() + 1  # the case: time runs past the text after it
+    tokens, logits, rotary = traced_generate(model, inputs)
+    with tokred.applied(model, *reducers):
+        got_tokens, got_logits, got_rotary = traced_generate(model, inputs)
+    assert torch.equal(got_tokens, tokens)
+    torch.testing.assert_close(got_logits, logits, rtol=0, atol=1e-5)
+    for got, want in zip(got_rotary, rotary):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)

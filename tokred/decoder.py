@@ -482,9 +482,11 @@ class LanguageModelEngine:
         return attention, flops
 
     # decode -----------------------------------------------------------------------------------------
-    def decode(self, segments: list[Segment], hidden: Tensor, attention_mask: Tensor | None, cache) -> Tensor:
+    def decode(self, segments: list[Segment], hidden: Tensor, attention_mask: Tensor | None, cache,
+               positions: Tensor | None = None) -> Tensor:
         """One decode step of ``hidden`` (B, queries, C) new tokens on a cache left by :meth:`prefill`;
-        returns the final-normed hidden states."""
+        returns the final-normed hidden states. The new tokens take ``positions`` (the scheme's layout)
+        when the caller gives them (the ones the unpatched model would use), else the segments' next ones."""
         batch, queries = hidden.shape[:2]
         new_valid = (attention_mask[:, -queries:].bool() if attention_mask is not None
                      else torch.ones(batch, queries, dtype=torch.bool, device=hidden.device))
@@ -492,9 +494,9 @@ class LanguageModelEngine:
             segment.valid = torch.cat([segment.valid, new_valid], dim=1)
             if segment.log_size is not None:
                 segment.log_size = torch.cat([segment.log_size, segment.log_size.new_zeros(batch, queries)], dim=1)
-            positions = self.scheme.decode(segment.next_position, queries)
+            step = self.scheme.decode(segment.next_position, queries) if positions is None else positions
             segment.next_position = segment.next_position + queries
-            self._segment_inputs(segment, hidden, queries, positions)
+            self._segment_inputs(segment, hidden, queries, step)
         starts = [s.first for s in segments]
         for i in range(len(self.layers)):
             segment = segments[sum(start <= i for start in starts) - 1]
