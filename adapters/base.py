@@ -1,8 +1,14 @@
 """What every adapter provides, the class swap that patches a module reversibly, and the pieces
 the vision adapters share: a patched module's original methods and the FLOPs of an attention
-block or an attention-pooling head."""
+block or an attention-pooling head.
+
+A module under an accelerate hook (``device_map``, ``accelerate.dispatch_model``) runs an
+instance-level ``forward`` that calls the hook and then ``module._old_forward``, the forward the
+module had when hooked. tokred goes under the hook: it patches ``_old_forward`` and leaves the
+hook and its ``forward`` as they are (:func:`replace_forward`)."""
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import ClassVar
 
@@ -24,10 +30,53 @@ def swap_class(module: nn.Module, mixin: type) -> None:
         patched = type(f"Tokred{original.__name__}", (mixin, original), {"_tokred_original_class": original})
         _PATCHED_CLASSES[(original, mixin)] = patched
     module.__class__ = patched
+    if is_hooked(module):  # the hook calls the forward it wrapped, the original class's: wrap the patched one
+        replace_forward(module, patched.forward.__get__(module))
 
 
 def restore_class(module: nn.Module) -> None:
     module.__class__ = module._tokred_original_class
+    if "_tokred_replaced" in module.__dict__:
+        restore_forward(module)
+
+
+def is_hooked(module: nn.Module) -> bool:
+    """``module`` runs under an accelerate hook: an instance ``forward`` calling ``_hf_hook`` around ``_old_forward``."""
+    return {"_hf_hook", "_old_forward", "forward"} <= module.__dict__.keys()
+
+
+def check_forwards(model: nn.Module) -> None:
+    """Refuse (before anything is changed) a module of ``model`` whose instance-level ``forward``
+    tokred cannot account for: the only one it knows is an accelerate hook's, wrapping the forward
+    of the module's own class."""
+    for name, module in model.named_modules():
+        if "forward" not in module.__dict__:
+            continue
+        forward, wrapped = module.__dict__["forward"], module.__dict__.get("_old_forward")
+        if not (is_hooked(module) and isinstance(forward, functools.partial) and forward.args[:1] == (module,)
+                and getattr(wrapped, "__self__", None) is module
+                and getattr(wrapped, "__func__", None) is getattr(type(module).forward, "__func__", type(module).forward)):
+            raise ValueError(f"module {name or '<model>'!r} ({type(module).__name__}) has an instance-level forward "
+                             f"({forward!r}) that tokred cannot patch under: tokred supports plain modules and "
+                             "accelerate's hooks (device_map, accelerate.dispatch_model) on them. Remove it "
+                             "before tokred.apply")
+
+
+def replace_forward(module: nn.Module, forward: Callable) -> None:
+    """Make ``module`` run ``forward``: as its instance ``forward`` or, under an accelerate hook,
+    as the ``_old_forward`` the hook calls (the hook keeps running). Undone by :func:`restore_forward`."""
+    slot = "_old_forward" if is_hooked(module) else "forward"
+    module.__dict__["_tokred_replaced"] = (slot, module.__dict__.get(slot))
+    module.__dict__[slot] = forward
+
+
+def restore_forward(module: nn.Module) -> None:
+    """Undo :func:`replace_forward`: the very object ``module`` had back (or none, as before)."""
+    slot, previous = module.__dict__.pop("_tokred_replaced")
+    if previous is None:
+        del module.__dict__[slot]
+    else:
+        module.__dict__[slot] = previous
 
 
 def patch_module(module: nn.Module, mixin: type, owner: object, attribute: str = "_tokred_adapter",
@@ -101,6 +150,7 @@ class Adapter:
             register_adapter(cls)
 
     def __init__(self, model: nn.Module, reducers: dict[str, Reducer]):
+        check_forwards(model)
         self.model = model
         self.reducers = reducers
         self.trace: Trace | None = None

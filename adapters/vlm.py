@@ -31,7 +31,7 @@ import inspect
 import torch
 from torch import Tensor, nn
 
-from tokred.adapters.base import Adapter
+from tokred.adapters.base import Adapter, replace_forward, restore_forward
 from tokred.decoder import CompatibilityError, LanguageModelEngine, Rotary1D, Sequence, Unmerged, cache_keyword
 from tokred.flops import FlopsReport, LayerCosts, attention_flops, linear_flops
 from tokred.plan import sequence_plan
@@ -173,13 +173,13 @@ class VisionLanguageAdapter(Adapter):
             for modality in self.attention_modalities:
                 name = f"get_{modality}_features"
                 setattr(base, name, FeaturesWithAttention(self, getattr(base, name)))
-        self.model.forward = PatchedForward(self)
+        replace_forward(self.model, PatchedForward(self))
         self.model._tokred_adapter = self
 
     def unpatch(self) -> None:
         for modality in self.attention_modalities:
             self.model.model.__dict__.pop(f"get_{modality}_features", None)
-        del self.model.forward
+        restore_forward(self.model)
         del self.model._tokred_adapter
 
     def _known_keywords(self) -> frozenset[str]:
