@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import tokred
+from tokred import registry
 from helpers import llava_inputs, tiny_llava, tiny_vit
 from test_llava import greedy_cached, greedy_uncached
 from tokred.reducers.budget import (Budget, cls_outliers, distortion, distortion_keep, jpeg_bytes_per_pixel,
@@ -140,7 +141,9 @@ def test_a_budget_is_saved_and_loaded_as_json(tmp_path):
     tokred.save_reducers(tmp_path / "r.json", *reducers)
     assert tokred.load_reducers(tmp_path / "r.json") == reducers
     with pytest.raises(ValueError, match="no spec form.*save_reducers"):
-        str(reducers[1])
+        registry.to_spec(reducers[1])
+    assert str(reducers[1]) == repr(reducers[1])  # str() never raises: the repr when there is no spec
+    assert "Budget('distortion', mean_keep=0.3, 12 calibration values" in str(reducers[1])
 
 
 @pytest.mark.parametrize("call,match", [

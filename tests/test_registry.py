@@ -34,7 +34,8 @@ def test_reducer_by_name():
     assert tokred.reducer("dart", layer=2, keep=0.25) == tokred.DART(keep=0.25, layer=2)
     assert tokred.reducer("tome") == tokred.ToMe()
     assert tokred.reducer("TOME", r=4) == tokred.ToMe(r=4)
-    with pytest.raises(ValueError, match=r"unknown reducer 'tomee'; known reducers: adjacent, atp, dart, divprune, .*tome"):
+    with pytest.raises(ValueError, match=r"unknown reducer 'tomee' \(did you mean 'tome'\?\); known reducers: adjacent, "
+                                         r"atp, dart, divprune, .*tome"):
         tokred.reducer("tomee", r=4)
     with pytest.raises(ValueError, match="unknown parameter 'ratio' for reducer 'tome'; its parameters are: r, "
                                          "prop_attn"):
@@ -150,9 +151,11 @@ def test_none():
 
 
 @pytest.mark.parametrize("spec, message", [
-    ("tomee:r=4", "unknown reducer 'tomee'; known reducers: adjacent, atp, dart, divprune, dtome, dycoke, fastv, "
+    ("tomee:r=4", "unknown reducer 'tomee' (did you mean 'tome'?); known reducers: adjacent, atp, dart, divprune, "
+                  "dtome, dycoke, fastv, "
                   "holitom, holitom_inner, matryoshka, pitome, pool, random, thresholds, tome, uniform, visionzip, vtu"),
-    ("tome:r=4+fastvv:keep=2", "'fastvv:keep=2' of 'tome:r=4+fastvv:keep=2': unknown reducer 'fastvv'"),
+    ("tome:r=4+fastvv:keep=2", "'fastvv:keep=2' of 'tome:r=4+fastvv:keep=2': unknown reducer 'fastvv' (did you "
+                               "mean 'fastv'?)"),
     ("tome:ratio=4", "unknown parameter 'ratio' for tome; its parameters are: r, prop_attn"),
     ("dart:keep", "expected key=value, got 'keep'"),
     ("dart:keep=", "expected key=value"),
@@ -240,7 +243,8 @@ def test_decorator_registers_a_third_party_reducer(clean_registry):
         tokred.register_reducer("My-Reducer")
     for mode in ("two words", "true", "1", "a+b"):  # would not read back as the same string: refused
         with pytest.raises(ValueError, match=re.escape(f"every:mode={mode!r} cannot be written in a spec")):
-            str(Every(mode=mode))
+            registry.to_spec(Every(mode=mode))
+        assert str(Every(mode=mode)) == repr(Every(mode=mode))
 
 
 class FakeEntryPoint:
@@ -283,3 +287,103 @@ def test_broken_entry_point_gives_a_clear_error(clean_registry, monkeypatch):
     with pytest.raises(ValueError, match="subclass of tokred.Reducer"):
         tokred.reducer("notareducer")
     assert "broken" not in tokred.list_reducers() and registry.reducer_class("tome") is tokred.ToMe
+
+
+# issue 19: saving only what reads back, clear errors --------------------------------------------
+@dataclass(frozen=True)
+class MyToMe(tokred.ToMe):
+    """A user's subclass of a registered reducer, not registered itself."""
+
+
+@pytest.mark.parametrize("given, message", [
+    (MyToMe(r=4), "MyToMe(r=4, prop_attn=True) has no spec: its class test_registry.MyToMe is not a registered "
+                  "reducer; register a dataclass with @tokred.register_reducer('name')"),
+    (Every(every=3), "is not a registered reducer"),
+    ("tome", "expected a tokred reducer such as tokred.ToMe(r=8), got 'tome' (a spec string is already a spec"),
+    (None, "expected a tokred reducer"),
+])
+def test_save_reducers_refuses_what_it_cannot_read_back(tmp_path, given, message):
+    path = tmp_path / "r.json"
+    with pytest.raises((TypeError, ValueError), match=re.escape(message)):
+        tokred.save_reducers(path, tokred.DivPrune(keep=0.25), given)
+    assert not path.exists()  # nothing written
+
+
+def test_save_reducers_writes_what_load_reducers_reads_back(tmp_path):
+    reducers = (tokred.ToMe(r=(8, -0.5)), tokred.DivPrune(keep=0.25), tokred.DART(keep=1, layer=3))
+    tokred.save_reducers(tmp_path / "r.json", *reducers)
+    assert tokred.load_reducers(tmp_path / "r.json") == reducers
+
+
+def _budget_file(tmp_path, budgets):
+    import json
+
+    from tokred.reducers.budget import Budget
+
+    budget = Budget("distortion", 0.3, (0.1, 0.2, 0.4), 0.5)
+    path = tmp_path / "r.json"
+    tokred.save_reducers(path, tokred.ToMe(r=2), tokred.DivPrune(keep=budget))
+    data = json.loads(path.read_text())
+    data["budgets"] = budgets(data["budgets"]["1"])
+    path.write_text(json.dumps(data))
+    return path
+
+
+@pytest.mark.parametrize("budgets, message", [
+    (lambda b: [b], "'budgets' is [{"),
+    (lambda b: {"2": b}, "bad 'budgets' entry '2' (the spec holds 'tome:r=2+divprune:keep=1.0')"),
+    (lambda b: {"one": b}, "bad 'budgets' entry 'one'"),
+    (lambda b: {"-1": b}, "bad 'budgets' entry '-1'"),
+    (lambda b: {"0": b}, "bad 'budgets' entry '0'"),  # ToMe has no keep
+    (lambda b: {"1": 0.5}, "bad 'budgets' entry '1': TypeError"),
+    (lambda b: {"1": {**b, "signal": "entropy"}}, "bad 'budgets' entry '1': ValueError: unknown budget signal"),
+    (lambda b: {"1": {k: v for k, v in b.items() if k != "fitted"}}, "bad 'budgets' entry '1': TypeError"),
+])
+def test_malformed_budgets_name_the_entry_and_the_shape(tmp_path, budgets, message):
+    path = _budget_file(tmp_path, budgets)
+    with pytest.raises(ValueError, match=re.escape(message)) as error:
+        tokred.load_reducers(path)
+    assert "maps the index of a reducer with a keep (0..1, a string) to a Budget as Budget.to_json writes it " \
+           "(keys: signal, mean_keep, calibration, fitted, buckets, min_keep, max_keep, eps)" in str(error.value)
+    assert str(path) in str(error.value)
+
+
+@pytest.mark.parametrize("spec, hint", [
+    ("tom", "unknown reducer 'tom' (did you mean 'tome'?)"),
+    ("holitom-inner:layer=2", "unknown reducer 'holitom-inner' (did you mean 'holitom_inner'?)"),
+    ("divprune:kep=0.25", "unknown parameter 'kep' for divprune (did you mean 'keep'?); its parameters are: keep, "
+                          "positions"),
+    ("tome:r=2+dart:kep=0.5", "unknown parameter 'kep' for dart (did you mean 'keep'?)"),
+])
+def test_typos_get_did_you_mean(spec, hint):
+    with pytest.raises(ValueError, match=re.escape(hint)):
+        tokred.parse_spec(spec)
+
+
+def test_typos_get_did_you_mean_by_name_too():
+    with pytest.raises(ValueError, match=re.escape("unknown reducer 'tom' (did you mean 'tome'?)")):
+        tokred.reducer("tom", r=2)
+    with pytest.raises(ValueError, match=re.escape("unknown parameter 'kep' for reducer 'fastv' (did you mean "
+                                                   "'keep'?)")):
+        tokred.reducer("fastv", kep=2)
+    with pytest.raises(ValueError) as error:  # nothing close: no guess
+        tokred.reducer("zzzz")
+    assert "did you mean" not in str(error.value)
+
+
+@pytest.mark.parametrize("spec, part", [
+    ("tome:r=+5", "'tome:r=+5'"),
+    ("tome:r=(+5;-0.5)", "'tome:r=(+5;-0.5)'"),
+    ("tome:r=2+dart:keep=+0.5/layer=2", "'dart:keep=+0.5/layer=2' of 'tome:r=2+dart:keep=+0.5/layer=2'"),
+])
+def test_a_value_never_starts_with_plus(spec, part):
+    with pytest.raises(ValueError, match=re.escape(f"bad reducer spec {part}: a value never starts with '+' (a '+' "
+                                                   "joins two reducers): write 5, not +5")):
+        tokred.parse_spec(spec)
+    assert tokred.parse_spec("thresholds:merge=1e+3+tome:r=5") == (tokred.Thresholds(merge=1000.0), tokred.ToMe(r=5))
+
+
+def test_a_reducer_without_parameters_says_so():
+    for call in (lambda: tokred.parse_spec("vtu:x=1"), lambda: tokred.reducer("vtu", x=1)):
+        with pytest.raises(ValueError, match="unknown parameter 'x' for (reducer )?'?vtu'?; vtu takes no parameters"):
+            call()

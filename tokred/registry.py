@@ -3,8 +3,7 @@
 Every reducer registers under a short name (the built-ins in :data:`BUILTINS`, third parties with
 :func:`register_reducer` or the entry-point group ``tokred.reducers``). A text spec names one or
 more reducers for command lines and config strings; it is parsed here and only here
-(:func:`parse_spec`), and ``str(reducer)`` writes it back (:meth:`tokred.Reducer.__str__`, with
-:func:`format_value`).
+(:func:`parse_spec`), and :func:`to_spec` writes it back (``str(reducer)`` too, where a spec exists).
 
 Grammar (no commas, no spaces, so a spec survives as one value of lmms-eval's comma-separated
 ``--model_args``)::
@@ -22,11 +21,13 @@ is a string (``positions=keep``, ``stage=projector``). Sequences: ``(..)`` is a 
 a list; without brackets two items make a tuple (ToMe's ``r=16;-0.5`` schedule, Pool's
 ``stride=1;2``) and any other number of items a list (a per-block ``r=8;8;4``), so a two-item
 list needs its brackets (``r=[4;2]``). Items are ints, floats, true/false, none or words; no
-nesting. A value never starts with ``+`` (write ``1e20``, ``inf``).
+nesting. A value never starts with ``+`` (a ``+`` joins two reducers: write ``r=5``, ``1e20``, ``inf``);
+one that does is refused.
 """
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import re
 from collections.abc import Callable
@@ -134,7 +135,19 @@ def reducer_class(name: str) -> type[Reducer]:
         return _registry[key]
     if key in _broken:
         raise ValueError(f"reducer '{name}': {_broken[key]}")
-    raise ValueError(f"unknown reducer '{name}'; known reducers: {', '.join(sorted(_registry))}")
+    raise ValueError(f"unknown reducer '{name}'{did_you_mean(key, _registry)}; known reducers: "
+                     f"{', '.join(sorted(_registry))}")
+
+
+def did_you_mean(word, choices) -> str:
+    """``" (did you mean 'tome'?)"`` for the choice closest to ``word`` (difflib's ratio >= 0.6,
+    ``-`` read as ``_``), or ``""`` when none is close."""
+    close = difflib.get_close_matches(str(word).replace("-", "_"), list(choices), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _parameters_text(name: str, allowed: list[str]) -> str:
+    return f"its parameters are: {', '.join(allowed)}" if allowed else f"{name} takes no parameters"
 
 
 def name_of(cls: type[Reducer]) -> str | None:
@@ -169,11 +182,12 @@ def reducer(name: str, **params) -> Reducer:
     allowed = [field.name for field in fields]
     unknown = [key for key in params if key not in allowed]
     if unknown:
+        hints = "".join(did_you_mean(key, allowed) for key in unknown)
         raise ValueError(f"unknown parameter{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} for "
-                         f"reducer '{name}'; its parameters are: {', '.join(allowed)}")
+                         f"reducer '{name}'{hints}; {_parameters_text(name, allowed)}")
     missing = [field.name for field in fields if default_of(field) is dataclasses.MISSING and field.name not in params]
     if missing:
-        raise ValueError(f"reducer '{name}' needs {', '.join(missing)}; its parameters are: {', '.join(allowed)}")
+        raise ValueError(f"reducer '{name}' needs {', '.join(missing)}; {_parameters_text(name, allowed)}")
     return cls(**params)
 
 
@@ -230,7 +244,8 @@ def save_reducers(path, *reducers: Reducer) -> None:
     """Write ``reducers`` (e.g. calibrated thresholds) to a JSON file: their spec, which
     :func:`load_reducers` parses back to equal reducers (floats are written exactly). A
     :class:`~tokred.Budget` ``keep`` has no spec form: it is written under ``budgets`` (by the
-    reducer's index) and the spec holds ``keep=1.0`` in its place."""
+    reducer's index) and the spec holds ``keep=1.0`` in its place. A reducer without a spec (not
+    registered, or a value the spec cannot hold) is refused by :func:`to_spec`, nothing written."""
     import json
     from pathlib import Path
 
@@ -238,7 +253,7 @@ def save_reducers(path, *reducers: Reducer) -> None:
 
     budgets = {str(i): r.keep.to_json() for i, r in enumerate(reducers) if isinstance(getattr(r, "keep", None), Budget)}
     written = [dataclasses.replace(r, keep=1.0) if str(i) in budgets else r for i, r in enumerate(reducers)]
-    spec = "+".join(map(str, written)) if reducers else "none"
+    spec = "+".join(map(to_spec, written)) if reducers else "none"
     data = {"tokred": __version__, "spec": spec, **({"budgets": budgets} if budgets else {})}
     Path(path).write_text(json.dumps(data, indent=1) + "\n")
 
@@ -252,8 +267,20 @@ def load_reducers(path) -> tuple[Reducer, ...]:
     if not isinstance(data, dict) or not isinstance(data.get("spec"), str):
         raise ValueError(f"{path} is not a tokred reducers file (a JSON object with a 'spec' string)")
     reducers = list(parse_spec(data["spec"]))
-    for index, budget in data.get("budgets", {}).items():
-        reducers[int(index)] = dataclasses.replace(reducers[int(index)], keep=Budget.from_json(budget))
+    budgets = data.get("budgets", {})
+    expected = (f"'budgets' maps the index of a reducer with a keep (0..{len(reducers) - 1}, a string) to a Budget "
+                f"as Budget.to_json writes it (keys: {', '.join(f.name for f in dataclasses.fields(Budget))})")
+    if not isinstance(budgets, dict):
+        raise ValueError(f"{path}: 'budgets' is {budgets!r}; {expected}")
+    for index, budget in budgets.items():
+        if not (index.isdigit() and int(index) < len(reducers)
+                and "keep" in {field.name for field in parameters(type(reducers[int(index)]))}):
+            raise ValueError(f"{path}: bad 'budgets' entry {index!r} (the spec holds {data['spec']!r}); {expected}")
+        try:
+            reducers[int(index)] = dataclasses.replace(reducers[int(index)], keep=Budget.from_json(budget))
+        except (TypeError, ValueError, KeyError, AttributeError) as error:
+            raise ValueError(f"{path}: bad 'budgets' entry {index!r}: {type(error).__name__}: {error}; "
+                             f"{expected}") from None
     return tuple(reducers)
 
 
@@ -278,7 +305,12 @@ def parse_spec(text: str) -> tuple[Reducer, ...]:
                                    "by '/', sequence items by ';')")
     if spec.lower() == "none":
         return ()
-    return tuple(_parse_one(part, spec) for part in _split_reducers(spec))
+    parts = _split_reducers(spec)
+    for before, after in zip(parts, parts[1:]):
+        if before.endswith(("=", ";", "(", "[")):
+            raise _bad(f"{before}+{after}", spec, "a value never starts with '+' (a '+' joins two reducers): "
+                                                  "write 5, not +5")
+    return tuple(_parse_one(part, spec) for part in parts)
 
 
 def _parse_one(part: str, spec: str) -> Reducer:
@@ -298,11 +330,10 @@ def _parse_one(part: str, spec: str) -> Reducer:
         for param in rest.split("/"):
             key, equals, value = param.partition("=")
             if not equals or not key or not value:
-                raise _bad(part, spec, f"expected key=value, got '{param}' (parameters of {name}: "
-                                       f"{', '.join(allowed)})")
+                raise _bad(part, spec, f"expected key=value, got '{param}' ({_parameters_text(name, allowed)})")
             if key not in allowed:
-                raise _bad(part, spec, f"unknown parameter '{key}' for {name}; its parameters are: "
-                                       f"{', '.join(allowed)}")
+                raise _bad(part, spec, f"unknown parameter '{key}' for {name}{did_you_mean(key, allowed)}; "
+                                       f"{_parameters_text(name, allowed)}")
             if key in params:
                 raise _bad(part, spec, f"parameter '{key}' given twice")
             try:
@@ -316,6 +347,28 @@ def _parse_one(part: str, spec: str) -> Reducer:
 
 
 # writing a spec ----------------------------------------------------------------------------
+def to_spec(reducer: Reducer) -> str:
+    """The text spec of ``reducer`` that :func:`parse_spec` reads back to an equal reducer: its
+    registered name, then its required parameters and those that differ from their defaults
+    (``dart:keep=0.25``). A ``TypeError`` for anything but a reducer, a ``ValueError`` for a reducer
+    with no spec: its class is not registered, or a value cannot be written (e.g. a Budget)."""
+    if not isinstance(reducer, Reducer):
+        hint = " (a spec string is already a spec: tokred.parse_spec reads it)" if isinstance(reducer, str) else ""
+        raise TypeError(f"expected a tokred reducer such as tokred.ToMe(r=8), got {reducer!r}{hint}")
+    cls = type(reducer)
+    name = name_of(cls)
+    if name is None or not dataclasses.is_dataclass(cls):
+        raise ValueError(f"{reducer!r} has no spec: its class {_qualname(cls)} is not a registered reducer; register "
+                         "a dataclass with @tokred.register_reducer('name') (registered: "
+                         f"{', '.join(list_reducers())})")
+    params = []
+    for field in parameters(cls):
+        value, default = getattr(reducer, field.name), default_of(field)
+        if default is dataclasses.MISSING or not same_value(value, default):
+            params.append(f"{field.name}={format_value(value, f'{name}:{field.name}')}")
+    return f"{name}:{'/'.join(params)}" if params else name
+
+
 def same_value(value, default) -> bool:
     """Equal and of the same types (``1`` is not ``1.0``, ``True`` is not ``1``, ``[4, 2]`` is not ``(4, 2)``)."""
     if type(value) is not type(default):

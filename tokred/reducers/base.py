@@ -130,22 +130,15 @@ class Reducer:
     needs_tower_attention: ClassVar[bool] = False
 
     def __str__(self) -> str:
-        """The reducer's text spec: its registered name, then its required parameters and those that
-        differ from their defaults (``dart:keep=0.25``), so ``tokred.parse_spec(str(r)) == (r,)``.
-        A class that is not registered falls back to its ``repr``."""
-        import dataclasses
-
+        """The reducer's text spec (``dart:keep=0.25``, :func:`tokred.registry.to_spec`), so
+        ``tokred.parse_spec(str(r)) == (r,)``; its ``repr`` when it has no spec (a class that is not
+        registered, a :class:`~tokred.Budget` keep): ``to_spec`` says why."""
         from tokred import registry
 
-        name = registry.name_of(type(self))
-        if name is None or not dataclasses.is_dataclass(self):
+        try:
+            return registry.to_spec(self)
+        except ValueError:
             return repr(self)
-        params = []
-        for field in registry.parameters(type(self)):
-            value, default = getattr(self, field.name), registry.default_of(field)
-            if default is dataclasses.MISSING or not registry.same_value(value, default):
-                params.append(f"{field.name}={registry.format_value(value, f'{name}:{field.name}')}")
-        return f"{name}:{'/'.join(params)}" if params else name
 
     @property
     def proportional_attention(self) -> bool:
