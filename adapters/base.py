@@ -50,8 +50,8 @@ def check_forwards(model: nn.Module) -> None:
     tokred cannot account for: the only one it knows is an accelerate hook's, wrapping the forward
     of the module's own class."""
     for name, module in model.named_modules():
-        if "forward" not in module.__dict__:
-            continue
+        if "forward" not in module.__dict__ or "_tokred_replaced" in module.__dict__:
+            continue  # a plain module, or one tokred patched itself (apply replaces it after remove)
         forward, wrapped = module.__dict__["forward"], module.__dict__.get("_old_forward")
         if not (is_hooked(module) and isinstance(forward, functools.partial) and forward.args[:1] == (module,)
                 and getattr(wrapped, "__self__", None) is module
