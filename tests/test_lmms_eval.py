@@ -334,14 +334,13 @@ def test_command_line_offline_writes_scores_and_cost(tmp_path):
     from tokred.integrations.lmms_eval import costs
 
     env = {**os.environ, **OFFLINE, "HF_HOME": str(tmp_path / "hf"), "OMP_NUM_THREADS": "1"}
-    bin_dir = Path(sys.executable).parent
     limit = 4
     runs = {}
     for spec in SPECS:
         out = tmp_path / spec.replace(":", "_").replace("/", "_").replace("=", "")
-        launcher = [str(bin_dir / "lmms-eval")]
+        launcher = [sys.executable, "-m", "lmms_eval"]
         if spec == SPECS[1]:
-            launcher = [str(bin_dir / "accelerate"), "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+            launcher = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
                         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
                         "-m", "lmms_eval"]
         command = [*launcher, "--model", "tokred", "--model_args", f"pretrained={CHECKPOINT},reducers={spec}",
