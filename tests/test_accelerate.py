@@ -97,12 +97,6 @@ def check_under_hooks(plain, hooked, run, reducers):
     assert len(calls) > ran
 
 
-@pytest.fixture
-def images():
-    torch.manual_seed(1)
-    return torch.randn(2, 3, 32, 32)
-
-
 @pytest.mark.parametrize("family", VISION)
 def test_vision_families_under_dispatch_model(family, images):
     build, run = VISION[family]
