@@ -21,8 +21,9 @@ language-model engine, outputs, trace, FLOPs of the language model) is
 :class:`~tokred.adapters.vlm.VisionLanguageAdapter`. Positions are 1-D: ``positions="keep"``
 (original ids with gaps) or ``"renumber"`` (contiguous; the default of the projector reducers here).
 
-Reducers decide on the prompt only. When a sequence that includes generated tokens is re-run
-without a cache, pass ``prompt_length=`` (the prompt's length) to the model call so the decisions
+Reducers decide on the prompt only. ``generate(use_cache=False)`` knows the prompt's length
+(:class:`~tokred.adapters.vlm.PatchedGenerate`); when you re-run a sequence that includes generated
+tokens yourself, pass ``prompt_length=`` (the prompt's length) to the model call so the decisions
 match the cached run.
 """
 from __future__ import annotations

@@ -86,6 +86,24 @@ class PatchedForward:
         return self.adapter.forward(*args, **kwargs)
 
 
+class PatchedGenerate:
+    """The patched model's ``generate``: the model's own, during which the adapter knows the prompt's
+    length (:attr:`VisionLanguageAdapter.generating`: the first prefill's). Without a cache every step
+    re-runs the prompt and the tokens generated so far; reducers then decide on the prompt alone, as
+    in the cached run, so ``generate(use_cache=False)`` gives what ``generate()`` gives."""
+
+    def __init__(self, adapter: VisionLanguageAdapter, original):
+        self.adapter, self.original = adapter, original
+        functools.update_wrapper(self, original)
+
+    def __call__(self, *args, **kwargs):
+        outer, self.adapter.generating = self.adapter.generating, {}
+        try:
+            return self.original(*args, **kwargs)
+        finally:
+            self.adapter.generating = outer
+
+
 class FeaturesWithAttention:
     """The model's ``get_video_features`` (or ``get_image_features``) that also records, on its
     output, ``tokred_received``: per item, the attention each of its tokens received in the vision
@@ -132,6 +150,8 @@ class VisionLanguageAdapter(Adapter):
         self.config = model.config
         self.vision_trace: Trace | None = None  # the vision stage's trace of the last prefill, if it has one
         self.logit_rows = 0  # rows the LM head ran on in the last prefill
+        #: while ``generate`` runs (:class:`PatchedGenerate`): {"prompt_length": the first prefill's length}
+        self.generating: dict | None = None
 
     # hooks ------------------------------------------------------------------------------------------
     def _encode_images(self, call: dict):
@@ -174,12 +194,18 @@ class VisionLanguageAdapter(Adapter):
                 name = f"get_{modality}_features"
                 setattr(base, name, FeaturesWithAttention(self, getattr(base, name)))
         replace_forward(self.model, PatchedForward(self))
+        self._previous_generate = self.model.__dict__.get("generate")
+        self.model.generate = PatchedGenerate(self, self.model.generate)
         self.model._tokred_adapter = self
 
     def unpatch(self) -> None:
         for modality in self.attention_modalities:
             self.model.model.__dict__.pop(f"get_{modality}_features", None)
         restore_forward(self.model)
+        if self._previous_generate is None:
+            del self.model.generate
+        else:
+            self.model.generate = self._previous_generate
         del self.model._tokred_adapter
 
     def _known_keywords(self) -> frozenset[str]:
@@ -223,6 +249,8 @@ class VisionLanguageAdapter(Adapter):
         if input_ids is None:
             raise ValueError("tokred needs input_ids (to find the image and video placeholders) when pixel values "
                              "are given")
+        if self.generating is not None and prompt_length is None:  # an uncached step re-runs the prompt
+            prompt_length = self.generating.setdefault("prompt_length", input_ids.shape[1])
         if pixel_values is not None and "image" not in encoded:
             encoded["image"] = self._encode_images(call)
         if call.get("pixel_values_videos") is not None and "video" not in encoded:

@@ -383,3 +383,13 @@ def stripped(cache):
     for i, layer in enumerate(cache.layers):
         plain.update(layer.keys, layer.values, i)
     return plain
+
+
+def clustered(n, tokens=16, dim=8, seed=0):
+    """n images of ``tokens`` tokens; image i has 1 + i % 8 clusters, so content grows with i % 8."""
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        centres = torch.randn(1 + i % 8, dim, generator=generator)
+        out.append(centres[torch.arange(tokens) % len(centres)] + 0.05 * torch.randn(tokens, dim, generator=generator))
+    return torch.stack(out)

@@ -7,23 +7,13 @@ import torch
 
 import tokred
 from tokred import registry
-from helpers import llava_inputs, tiny_llava, tiny_vit
+from helpers import clustered, llava_inputs, tiny_llava, tiny_vit
 from test_llava import greedy_cached, greedy_uncached
 from tokred.reducers.budget import (Budget, cls_outliers, distortion, distortion_keep, jpeg_bytes_per_pixel,
                                     kept_counts)
 from tokred.reducers.divprune import greedy_order
 
 PROMPTS = [([1, 2, 3], [4, 5, 6, 7, 8]), ([9], [10, 11]), ([5, 6], [7])]
-
-
-def clustered(n, tokens=16, dim=8, seed=0):
-    """n images of ``tokens`` tokens; image i has 1 + i % 8 clusters, so content grows with i % 8."""
-    generator = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(n):
-        centres = torch.randn(1 + i % 8, dim, generator=generator)
-        out.append(centres[torch.arange(tokens) % len(centres)] + 0.05 * torch.randn(tokens, dim, generator=generator))
-    return torch.stack(out)
 
 
 # the signals ------------------------------------------------------------------------------------------
