@@ -12,7 +12,8 @@ Stages:
   A LLaVA-OneVision video (``pixel_values_videos``, (videos, frames, 3, H, W)) is one visual item:
   its frames' pooled tokens (frame by frame, each ceil(side / 2)^2 after the model's 2 x 2 bilinear
   pooling) with layout ``(frames, ceil(side / 2), ceil(side / 2))``, and the one ``image_newline``
-  after them, protected (never removed or merged). Reducers that ``needs_tower_attention`` get
+  after them, protected (never removed or merged, except by an ``llm`` reducer that
+  ``counts_protected``: HoliTom's inner stage). Reducers that ``needs_tower_attention`` get
   each video token's attention received in the tower's last used layer (:meth:`LlavaAdapter.tower_attention`).
 - ``llm``: before decoder layer K, in the core language-model engine (:mod:`tokred.decoder`).
 

@@ -11,8 +11,9 @@ its vision encoder and projector.
 The projector stage sees one :class:`VisualItem` per image and per video: its reducible tokens
 (all frames of a video, frame by frame in raster order) with their
 :class:`~tokred.signals.Layout` ``(frames, height, width)``, and its protected tokens (the
-``image_newline`` after a LLaVA-OneVision video), which no reducer sees: they are kept as they
-are, and ``llm``-stage reducers do not count them as visual tokens either. Items with the same
+``image_newline`` after a LLaVA-OneVision video), which no projector reducer sees: they are kept
+as they are, and ``llm``-stage reducers do not count them as visual tokens either, except one that
+``counts_protected`` (HoliTom's inner stage), which may drop or merge them. Items with the same
 token count and layout are planned together (``Reducer.plan_images``); a reducer that
 ``needs_tower_attention`` also gets each token's attention received in the vision tower, where
 the family adapter provides it (videos: :class:`FeaturesWithAttention` and the family's
@@ -54,8 +55,9 @@ class VisualItem:
         count: its placeholder tokens in the prompt: n plus the protected tokens, or more when a
             vision-stage reducer already removed tokens (the remaining ones fill the first slots).
         layout: how ``features`` lie, (frames, height, width), or None if they form no grid.
-        protected: (p, C) tokens that fill the last p placeholders and are never removed or merged
-            (LLaVA-OneVision's ``image_newline`` after a video), or None.
+        protected: (p, C) tokens that fill the last p placeholders, which the projector stage never
+            removes or merges (LLaVA-OneVision's ``image_newline`` after a video), or None; visual
+            tokens for an ``llm`` reducer only if it ``counts_protected``.
         received: (n,) mean attention each token received in the vision tower's last used layer,
             laid out like ``features``, when the adapter computed it (reducers that
             ``needs_tower_attention``), else None.
@@ -372,8 +374,9 @@ class VisionLanguageAdapter(Adapter):
             visual[sample, positions[slots]] = True
             keep[sample, positions[slots]] = True
             embeds[sample, positions[slots]] = values.to(embeds.dtype)
-            if last:  # protected: kept as they are, and no visual tokens for the llm stage
+            if last:  # protected: kept as they are; visual tokens only for an llm reducer that counts them
                 keep[sample, positions[-last:]] = True
+                visual[sample, positions[-last:]] = llm is not None and llm.counts_protected
                 embeds[sample, positions[-last:]] = item.protected.to(embeds.dtype)
         valid = attention_mask.bool() if attention_mask is not None else torch.ones_like(keep)
         positions = self._prompt_positions(call, valid)

@@ -296,6 +296,7 @@ def test_segment_search_is_exhaustive_for_all_small_inputs():
 PROMPTS = [([1, 2, 3], [4, 5, 6, 7, 8]), ([9], [10, 11])]  # different lengths: the second is left-padded
 SETS = {
     "outer": (HoliTom(retain=0.3),),
+    "inner": (HoliTomInner(keep=0.3, layer=2),),
     "both": (HoliTom(retain=0.3), HoliTomInner(keep=0.5, layer=2)),
     "contextual": (HoliTom(retain=0.4, tau=0.5, contextual=0.5, neighbours=3), HoliTomInner(keep=3, layer=1)),
 }
@@ -379,6 +380,55 @@ def test_the_inner_stage_sees_the_residual_stream_entering_layer_k(model, monkey
         model(**inputs)
     torch.testing.assert_close(signals[0].residual, entering[0])
     torch.testing.assert_close(signals[0].hidden, model.model.language_model.norm(entering[0]))
+
+
+def _logits_after(model, hidden, positions, layer):
+    """Last-row logits of ``model`` when ``hidden`` (1, L, C), at ``positions`` (1, L), enters decoder
+    ``layer`` of its language model: the remaining layers, causal, then the norm and the LM head."""
+    language_model = model.model.language_model
+    mask = torch.full((hidden.shape[1],) * 2, float("-inf")).triu(1)[None, None]
+    embeddings = language_model.rotary_emb(hidden, positions)
+    for decoder in language_model.layers[layer:]:
+        hidden = decoder(hidden, attention_mask=mask, position_ids=positions, position_embeddings=embeddings)
+    return model.lm_head(language_model.norm(hidden))[:, -1]
+
+
+@torch.no_grad()
+def test_the_inner_stage_spans_the_newline_as_the_reference():
+    """The oracle: the unpatched model's hidden states entering layer K and its last token's attention at
+    K - 1 (eager); the reference's loop (:func:`brute_force_inner_merge`) over the video's 16F + 1 tokens,
+    newline included, keeping round(keep (16F + 1)); the remaining layers on the kept tokens at their
+    original positions. The newline is dropped (merged into a kept token) in some cases, kept in others."""
+    eager = tiny_onevision(attn="eager")
+    layer, frames, fates = 2, 3, set()
+    for seed, keep in itertools.product(range(3), (0.3, 0.5, 0.8)):
+        inputs = onevision_video_inputs(PROMPTS[:1], frames=frames, seed=seed)
+        out = eager(**inputs, output_attentions=True, output_hidden_states=True)
+        hidden, attention = out.hidden_states[layer][0], out.attentions[layer - 1][0, :, -1].mean(dim=0)
+        span = inputs["input_ids"][0] == VIDEO_TOKEN  # the 16F tokens and the newline after them
+        assert int(span.sum()) == 16 * frames + 1
+        kept_visual, merged = brute_force_inner_merge(hidden, attention, span, round(keep * (16 * frames + 1)))
+        newline = int(span.nonzero().max())
+        fates.add(newline in kept_visual)
+        kept = sorted(kept_visual + (~span).nonzero().squeeze(1).tolist())
+        want = _logits_after(eager, merged[kept].float()[None], torch.tensor([kept]), layer)
+        with tokred.applied(eager, HoliTomInner(keep=keep, layer=layer)):
+            torch.testing.assert_close(eager(**inputs).logits[:, -1], want, atol=1e-5, rtol=1e-5)
+            assert tokred.last_trace(eager).tokens("llm")[layer] == len(kept)
+    assert round(0.3 * 49) != round(0.3 * 48) and fates == {True, False}
+
+
+@torch.no_grad()
+def test_keeping_every_token_of_the_span_is_the_unpatched_model(model):
+    """Through the engine (a count, not 1.0): the newline is in the span, so the count is 16F + 1.
+    Logits compared on the real tokens (padding rows mean nothing)."""
+    inputs = video_inputs(PROMPTS)
+    real = inputs["attention_mask"].bool()
+    reference, tokens = model(**inputs).logits[real], greedy_cached(model, inputs, 4)
+    with tokred.applied(model, HoliTomInner(keep=16 * 4 + 1, layer=2)):
+        torch.testing.assert_close(model(**inputs).logits[real], reference, atol=1e-5, rtol=1e-5)
+        assert torch.equal(greedy_cached(model, inputs, 4), tokens)
+        assert tokred.last_trace(model).tokens("llm")[2] == inputs["input_ids"].shape[1]
 
 
 @torch.no_grad()

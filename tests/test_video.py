@@ -10,6 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import tokred
 from helpers import (IMAGE_TOKEN, VIDEO_TOKEN, onevision_video_inputs, qwen_media_inputs, tiny_llava, tiny_onevision,
                      tiny_qwen2_vl)
+from test_budget import clustered
 
 PROMPTS = [([1, 2, 3], [4, 5, 6, 7, 8]), ([9], [10, 11])]
 SUPPRESS = [IMAGE_TOKEN, VIDEO_TOKEN]
@@ -51,17 +52,10 @@ class Recording(tokred.DivPrune):
         return super().plan_images(features, layout)
 
 
-class RecordingFastV(tokred.FastV):
-    def keep_mask(self, signal):
-        RecordingFastV.visual = signal.visual.sum(dim=1).tolist()
-        return super().keep_mask(signal)
-
-
 @torch.no_grad()
 def test_the_newline_after_a_video_is_protected(model):
-    """Reducers see the 3 x 16 video tokens with their layout, never the newline; the newline's
-    embedding reaches the language model right after the kept video tokens; the llm stage does
-    not count it as visual."""
+    """Projector reducers see the 3 x 16 video tokens with their layout, never the newline; the
+    newline's embedding reaches the language model right after the kept video tokens."""
     inputs = onevision_video_inputs(PROMPTS[:1], frames=3)
     entering = []
     hook = model.model.language_model.layers[0].register_forward_pre_hook(
@@ -77,10 +71,29 @@ def test_the_newline_after_a_video_is_protected(model):
     hidden = entering[-1][0]
     assert hidden.shape[0] == 3 + 5 + 1 + 5
     torch.testing.assert_close(hidden[3 + 5], model.model.image_newline)  # right after the 5 kept tokens
-    with tokred.applied(model, RecordingFastV(keep=0.5, layer=2)):
+
+
+BUDGET = tokred.Budget.fit("distortion", clustered(8, tokens=48, dim=64), mean_keep=0.5)
+
+
+@pytest.mark.parametrize("reducer, span", [
+    (tokred.FastV(keep=0.5, layer=2), 48), (tokred.FastV(keep=BUDGET, layer=2), 48),
+    (tokred.DART(keep=0.5, layer=2), 48), (tokred.ATP(layers=(2,), thresholds=0.0), 48),
+    (tokred.AdjacentMerge(keep=0.5, layer=2), 48), (tokred.HoliTomInner(keep=0.5, layer=2), 49)],
+    ids=["FastV", "FastV-Budget", "DART", "ATP", "AdjacentMerge", "HoliTomInner"])
+@torch.no_grad()
+def test_only_holitoms_inner_stage_counts_the_newline_as_visual(model, monkeypatch, reducer, span):
+    """The llm stage's visual tokens of a 3-frame video: its 48 frame tokens, plus the newline for
+    HoliTomInner alone (the reference's span, specs/holitom.md section 2); the engine refuses any other
+    reducer that would remove the newline (a text token to it)."""
+    inputs = onevision_video_inputs(PROMPTS[:1], frames=3)
+    seen, plan_sequence = [], type(reducer).plan_sequence
+    monkeypatch.setattr(type(reducer), "plan_sequence",
+                        lambda self, signal: seen.append(signal.visual.sum(dim=1).tolist()) or plan_sequence(self,
+                                                                                                               signal))
+    with tokred.applied(model, reducer):
         model(**inputs)
-        assert RecordingFastV.visual == [48]
-        assert tokred.last_trace(model).tokens("llm")[2] == inputs["input_ids"].shape[1] - 24
+    assert seen == [[span]]
 
 
 @pytest.mark.parametrize("family", ["onevision", "qwen2_vl"])

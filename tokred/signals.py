@@ -13,7 +13,8 @@ class SequenceSignal:
     Attributes:
         hidden: (B, L, C) hidden states entering decoder layer K, through the language model's
             final norm (as DART's reference compares them).
-        visual: (B, L) True for visual tokens (the only tokens a reducer may remove).
+        visual: (B, L) True for visual tokens (the only tokens a reducer may remove); an item's
+            protected tokens (LLaVA-OneVision's video newline) only for a reducer that ``counts_protected``.
         valid: (B, L) True for real tokens, False for padding.
         prompt: (B, L) True for the tokens reducers may base decisions on: the prompt, not
             tokens generated after it (so a re-run without a cache decides exactly as the cached run).
@@ -107,8 +108,8 @@ class Layout:
     ``height`` x ``width`` in raster order, frame by frame (an image has one frame; a video one
     per frame — LLaVA-OneVision: its pooled frames, Qwen2-VL: its temporal patches; Qwen2-VL's
     tokens are its 2 x 2 merge units). An item's protected tokens (the ``image_newline`` after a
-    OneVision video) are not part of its layout: reducers never see them. Items whose tokens form
-    no such grid (LLaVA-NeXT's AnyRes crops with newline tokens) have no layout (None)."""
+    OneVision video) are not part of its layout: projector reducers never see them. Items whose
+    tokens form no such grid (LLaVA-NeXT's AnyRes crops with newline tokens) have no layout (None)."""
 
     frames: int
     height: int

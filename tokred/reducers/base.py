@@ -125,6 +125,9 @@ class Reducer:
     needs_last_attention: ClassVar[bool] = False
     #: ``llm`` stage: needs every token's attention row at layer K - 1 (``SequenceSignal.attention``)
     needs_attention: ClassVar[bool] = False
+    #: ``llm`` stage: counts the visual items' protected tokens (the ``image_newline`` after a
+    #: LLaVA-OneVision video) as visual tokens, which it may drop or merge (``SequenceSignal.visual``)
+    counts_protected: ClassVar[bool] = False
     #: ``projector`` stage: needs the attention each visual token received in the vision tower
     #: (``plan_images(..., received=...)``); adapters that cannot provide it refuse the reducer
     needs_tower_attention: ClassVar[bool] = False

@@ -15,11 +15,12 @@ Two stages, two reducers, used together for the paper's method::
   the whole rule for one video.
 - :class:`HoliTomInner` (``llm``, the inner stage) before decoder layer K: keep the visual tokens the
   last prompt token attends to most at layer K - 1, merge every dropped one into its most similar
-  kept token by repeated halving, keep the original positions (:func:`inner_merge`).
+  kept token by repeated halving, keep the original positions (:func:`inner_merge`). Its visual span
+  includes a LLaVA-OneVision video's ``image_newline``, as the reference's: the newline counts in
+  m and may be dropped or merged like any visual token (the outer stage never sees it).
 
 Departures from the reference, all on purpose: per sample in a batch (the reference assumes batch
-size one); ties broken by index, never by the global random generator; similarities in float32;
-protected tokens (a LLaVA-OneVision video's ``image_newline``) are never merged, in either stage.
+size one); ties broken by index, never by the global random generator; similarities in float32.
 
 Both stages merge with weights that are not token sizes (beta, 1 / w, repeated halving): their plans
 carry them (``Plan.weight``). The outer stage's plan is ``Plan.ordered``: with renumbered positions
@@ -406,7 +407,9 @@ class HoliTomInner(DecoderReducer):
         positions: ``"keep"`` (original position ids with gaps, as the reference) or ``"renumber"``.
 
     Similarities and the merge both use the hidden states entering layer K, before any norm
-    (``SequenceSignal.residual``), as the reference.
+    (``SequenceSignal.residual``), as the reference. The visual tokens include the ``image_newline``
+    after a LLaVA-OneVision video (``counts_protected``), as the reference's span: a video of F
+    frames of N tokens has F * N + 1, of which round(keep * (F * N + 1)) stay.
     """
 
     keep: int | float = 0.5
@@ -414,6 +417,7 @@ class HoliTomInner(DecoderReducer):
     positions: str = "keep"
 
     needs_last_attention: ClassVar[bool] = True
+    counts_protected: ClassVar[bool] = True
 
     def plan_sequence(self, signal: SequenceSignal) -> Plan:
         missing = [name for name in ("last_attention", "residual") if getattr(signal, name) is None]
