@@ -8,9 +8,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import tokred
-from helpers import (IMAGE_TOKEN, VIDEO_TOKEN, onevision_video_inputs, qwen_media_inputs, tiny_llava, tiny_onevision,
-                     tiny_qwen2_vl)
-from test_budget import clustered
+from helpers import (IMAGE_TOKEN, VIDEO_TOKEN, clustered, onevision_video_inputs, qwen_media_inputs, tiny_llava,
+                     tiny_onevision, tiny_qwen2_vl)
 
 PROMPTS = [([1, 2, 3], [4, 5, 6, 7, 8]), ([9], [10, 11])]
 SUPPRESS = [IMAGE_TOKEN, VIDEO_TOKEN]
