@@ -141,6 +141,8 @@ class VisionLanguageAdapter(Adapter):
         for reducer in reducers.values():
             self.scheme.convention(getattr(reducer, "positions", None), name)  # refuses what the scheme cannot do
         self.engine = LanguageModelEngine(language_model, reducers.get("llm"), self.scheme, name)
+        if reducers:  # without one, every forward is the model's own
+            self.engine.check_attention()
         if self.engine.unmerges and not {"vision", "projector"} & set(reducers):
             raise ValueError(f"{type(reducers['llm']).__name__} unmerges, inside the language model, the tokens that a "
                              "reducer at the 'vision' or 'projector' stage merged: apply it with one, e.g. "

@@ -19,7 +19,10 @@ in the :class:`Sequence` it builds, and a position scheme (:class:`Rotary1D` her
 **Never silently wrong.** Calling decoder layers leans on transformers internals that move (5.24
 renamed the cache argument from ``past_key_values`` to ``cache``). :class:`LanguageModelEngine`
 checks the layer signature it meets and raises :class:`CompatibilityError`, naming the installed
-transformers, where a call cannot be accounted for.
+transformers, where a call cannot be accounted for. Every layer gets a 4-D additive float mask, which
+eager and SDPA attention take; any other ``attn_implementation`` (FlashAttention, flex, paged, a
+kernel from the Hub) is refused at ``apply`` (:meth:`LanguageModelEngine.check_attention`) and at
+every step the loop runs.
 """
 from __future__ import annotations
 
@@ -74,6 +77,10 @@ def cache_keyword(function, what: str) -> str:
     raise CompatibilityError(f"{what} takes no `cache` / `past_key_values` argument, so tokred cannot keep "
                              "its KV cache consistent")
 
+
+#: the attention implementations (``config._attn_implementation``) that take the loop's 4-D additive float
+#: mask; None is what a standalone attention module runs: eager
+SUPPORTED_ATTENTION = ("eager", "sdpa")
 
 #: keyword arguments of the decoder layers that the loop passes (besides the cache)
 _LAYER_KEYWORDS = ("attention_mask", "position_ids", "use_cache", "position_embeddings")
@@ -268,7 +275,7 @@ class LanguageModelEngine:
     ``rotary_emb``) layer by layer with one optional ``llm``-stage reducer.
 
     The constructor only checks (a :class:`CompatibilityError` when a decoder layer's signature is
-    not the one the loop calls).
+    not the one the loop calls); the adapter calls :meth:`check_attention` at ``apply``.
     """
 
     def __init__(self, language_model: nn.Module, reducer: Reducer | None, scheme: Rotary1D, name: str = "model"):
@@ -280,6 +287,7 @@ class LanguageModelEngine:
         if any(kind != "full_attention" for kind in getattr(text_config, "layer_types", None) or []):
             raise TypeError(f"{name}'s language model has sliding-window layers, which tokred does not support")
         self.language_model, self.layers, self.scheme = language_model, list(language_model.layers), scheme
+        self.name = name
         self.reducer = reducer
         if reducer is not None:
             reducer.check(len(self.layers))
@@ -287,6 +295,27 @@ class LanguageModelEngine:
         self.unmerges = reducer is not None and getattr(reducer, "unmerges", False)
         if self.unmerges:
             self._check_unmerging(name)
+
+    def check_attention(self, after_apply: bool = False) -> None:
+        """A ``ValueError`` unless every decoder layer's attention runs an implementation that takes the
+        loop's 4-D additive float mask (:data:`SUPPORTED_ATTENTION`). Run at ``apply`` when a reducer is
+        applied (without one the loop never runs) and, cheaply, at every prefill and decode step the loop
+        runs (``after_apply``: the backend was switched since)."""
+        met = {}
+        for i, layer in enumerate(self.layers):
+            config = getattr(getattr(layer, "self_attn", None), "config", self.language_model.config)
+            implementation = getattr(config, "_attn_implementation", None)
+            if implementation not in (None, *SUPPORTED_ATTENTION):
+                met.setdefault(implementation, []).append(i)
+        if not met:
+            return
+        found = "; ".join(f"{name!r} in decoder layer(s) {layers}" for name, layers in met.items())
+        when = ("was switched after tokred.apply to" if after_apply else "runs")
+        raise ValueError(f"{self.name}'s language model {when} {found}. tokred's language-model loop hands every "
+                         "decoder layer a 4-D additive float mask (padding, causality, log-size bias), which only "
+                         f"these attention implementations take: {', '.join(SUPPORTED_ATTENTION)}. Switch with "
+                         "model.set_attn_implementation('sdpa') (a dict such as {'text_config': 'sdpa'} switches the "
+                         "language model only; tokred's vision stages run on any), or tokred.remove(model) first")
 
     def _check_layers(self, name: str) -> str:
         keywords = {cache_keyword(type(layer).forward, f"{name}'s decoder layer {type(layer).__name__}")
@@ -310,20 +339,17 @@ class LanguageModelEngine:
             parts = ("input_layernorm", "post_attention_layernorm", "mlp")
             projections = [getattr(attn, p, None) for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
             module = sys.modules[type(attn).__module__]
-            implementation = getattr(getattr(attn, "config", None), "_attn_implementation", None)
             if (_UNMERGING_LAYERS.get(type(layer).__name__) != type(attn).__name__
                     or not all(hasattr(layer, p) for p in parts)
                     or not all(isinstance(p, nn.Linear) for p in projections)
                     or any(getattr(attn, p, None) is not None for p in ("q_norm", "k_norm", "sliding_window"))
                     or not all(hasattr(attn, p) for p in ("head_dim", "scaling", "layer_idx"))
                     or not all(hasattr(module, f) for f in ("apply_rotary_pos_emb", "eager_attention_forward"))
-                    or not hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface")
-                    or implementation not in ("eager", "sdpa")):
+                    or not hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface")):
                 raise CompatibilityError(
                     f"VTU re-runs {name}'s decoder layers piece by piece and knows the layers "
-                    f"{sorted(_UNMERGING_LAYERS)} with q/k/v/o projections, the 1-D rotary helper and eager or SDPA "
-                    f"attention; it met {type(layer).__name__} with {type(attn).__name__} ({implementation} "
-                    "attention)")
+                    f"{sorted(_UNMERGING_LAYERS)} with q/k/v/o projections and the 1-D rotary helper; it met "
+                    f"{type(layer).__name__} with {type(attn).__name__}")
 
     # one segment, one layer -------------------------------------------------------------------------
     def _segment_inputs(self, segment: Segment, hidden: Tensor, queries: int, positions: Tensor) -> None:
@@ -350,6 +376,7 @@ class LanguageModelEngine:
     def prefill(self, seq: Sequence, next_position: Tensor, cache, keep_cache: bool) -> Prefill:
         """Run every decoder layer on ``seq`` (the reducer acting before its layers K); with
         ``keep_cache`` the segments ride on ``cache`` for the decode steps."""
+        self.check_attention(after_apply=True)
         if self.unmerges:
             return self._prefill_unmerged(seq, cache, keep_cache)
         reducer = self.reducer
@@ -487,6 +514,7 @@ class LanguageModelEngine:
         """One decode step of ``hidden`` (B, queries, C) new tokens on a cache left by :meth:`prefill`;
         returns the final-normed hidden states. The new tokens take ``positions`` (the scheme's layout)
         when the caller gives them (the ones the unpatched model would use), else the segments' next ones."""
+        self.check_attention(after_apply=True)
         batch, queries = hidden.shape[:2]
         new_valid = (attention_mask[:, -queries:].bool() if attention_mask is not None
                      else torch.ones(batch, queries, dtype=torch.bool, device=hidden.device))
