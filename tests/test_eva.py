@@ -95,6 +95,18 @@ def test_tome_matches_the_reference_forward(name, images):
     assert rows.tolist() == patch_of  # every token's rotary row: its destination's patch
 
 
+def test_written_out_attention_matches_the_reference_forward(images):
+    """With timm's fused attention off (``fused_attn=False``) tokred's attention is the written-out softmax
+    with the log-size bias added to the scores, as timm's own."""
+    images, model = images[:2], tiny_eva()
+    for block in model.blocks:
+        block.attn.fused_attn = False
+    with torch.no_grad():
+        want, _ = reference_forward(model, images, [10, 0, 7, 30])
+        tokred.apply(model, tokred.ToMe(r=[10, 0, 7, 30]))
+        torch.testing.assert_close(model(images), want, atol=2e-5, rtol=1e-4)
+
+
 def test_the_rotary_rows_matter(images):
     """Guard for the reference test: the same merges with the rotary rows left in grid order give
     a different output, so the rows the adapter gathers are what the comparison checks."""

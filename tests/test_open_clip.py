@@ -166,6 +166,19 @@ def test_scaled_cosine_attention_matches_reference(images):
         torch.testing.assert_close(model.encode_image(images), want, atol=2e-5, rtol=1e-4)
 
 
+def test_written_out_attention_matches_reference(images):
+    """With ``use_fsdpa`` off, open_clip's custom attention is a written-out softmax; tokred's follows it
+    (the log-size bias added to the scores) and matches the reference like the SDPA path."""
+    model, images = tiny_clip(**VARIANTS["custom_all"]), images[:2]
+    for module in model.visual.modules():
+        if hasattr(module, "use_fsdpa"):
+            module.use_fsdpa = False
+    with torch.no_grad():
+        want = reference_encode_image(model, images, [9, 0, 12])
+        tokred.apply(model, tokred.ToMe(r=[9, 0, 12]))
+        torch.testing.assert_close(model.encode_image(images), want, atol=2e-5, rtol=1e-4)
+
+
 def test_without_proportional_attention(images):
     model, images = tiny_clip(), images[:2]
     with torch.no_grad():
