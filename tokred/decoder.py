@@ -310,12 +310,13 @@ class LanguageModelEngine:
         if not met:
             return
         found = "; ".join(f"{name!r} in decoder layer(s) {layers}" for name, layers in met.items())
-        when = ("was switched after tokred.apply to" if after_apply else "runs")
+        when = "was switched after tokred.apply to" if after_apply else "runs"
+        otherwise = "; tokred.remove(model) runs it unreduced" if after_apply else ""
         raise ValueError(f"{self.name}'s language model {when} {found}. tokred's language-model loop hands every "
                          "decoder layer a 4-D additive float mask (padding, causality, log-size bias), which only "
                          f"these attention implementations take: {', '.join(SUPPORTED_ATTENTION)}. Switch with "
                          "model.set_attn_implementation('sdpa') (a dict such as {'text_config': 'sdpa'} switches the "
-                         "language model only; tokred's vision stages run on any), or tokred.remove(model) first")
+                         f"language model only; tokred's vision stages run on any){otherwise}")
 
     def _check_layers(self, name: str) -> str:
         keywords = {cache_keyword(type(layer).forward, f"{name}'s decoder layer {type(layer).__name__}")
