@@ -18,7 +18,8 @@ def tiny_vit(**overrides) -> VisionTransformer:
 
 
 def brute_force_merge(metric, x, size, r, protected):
-    """The ToMe rule written out token by token for one image: returns merged x and sizes."""
+    """The ToMe rule written out token by token for one image: returns merged x, sizes and each output
+    token's input tokens."""
     n = metric.shape[0]
     r = min(r, (n - protected) // 2)
     if r == 0:  # nothing to merge: the tokens stay as they are, in order
@@ -39,7 +40,9 @@ def brute_force_merge(metric, x, size, r, protected):
             groups[i] = [i]
     for j in b:
         groups[j] = [j] + [i for i in merged if best[i][1] == j]
-    order = list(range(protected)) + [i for i in a if i not in merged] + b
+    # unmerged A: by position after a protected token, else in descending best-match order (the original ToMe's)
+    unmerged = [i for i in (a if protected else ranked) if i not in merged]
+    order = list(range(protected)) + unmerged + b
     out_x = torch.stack([sum(x[t] * size[t] for t in groups[o]) / sum(size[t] for t in groups[o]) for o in order])
     out_size = torch.stack([sum(size[t] for t in groups[o]) for o in order])
     return out_x, out_size, [sorted(groups[o]) for o in order]

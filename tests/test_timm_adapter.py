@@ -40,7 +40,7 @@ def tome_merge(schedule):
 def reference_forward(model, images, merge, prop_attn=True):
     """A token-merging ViT written out with the model's own sub-modules: manual softmax
     attention, LayerScale, q/k norm, ``merge(layer, keys, x, size, protected)`` per image after
-    attention, size-weighted pooling."""
+    attention, timm's plain pooling."""
     x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
     batch, protected = x.shape[0], model.num_prefix_tokens
     size = torch.ones(batch, x.shape[1], 1)
@@ -60,8 +60,8 @@ def reference_forward(model, images, merge, prop_attn=True):
     x = model.norm(x)
     if isinstance(model, VisionTransformerDistilled):
         return (model.head(x[:, 0]) + model.head_dist(x[:, 1])) / 2
-    tokens, weights = x[:, protected:], size[:, protected:]
-    mean = (tokens * weights).sum(1) / weights.sum(1)
+    tokens = x[:, protected:]
+    mean = tokens.mean(1)  # timm's plain mean over the tokens left, as the original ToMe pools
     pooled = {"token": x[:, 0], "avg": mean, "avgmax": 0.5 * (tokens.amax(1) + mean)}[model.global_pool]
     return model.head(model.fc_norm(pooled))
 

@@ -12,7 +12,7 @@ from helpers import brute_force_merge
 
 
 @pytest.mark.parametrize("protected", [0, 1, 2, 5])
-@pytest.mark.parametrize("n,r", [(17, 4), (16, 7), (10, 100), (9, 0)])
+@pytest.mark.parametrize("n,r", [(17, 4), (16, 7), (24, 5), (10, 100), (9, 0)])
 def test_matching_equals_brute_force(protected, n, r):
     torch.manual_seed(n * 10 + protected)
     batch = 3
@@ -37,6 +37,15 @@ def test_ties_go_to_lowest_position():
     assert plan.src.tolist() == [[2, 4]]
     assert plan.keep.tolist() == [[0, 6, 8, 1, 3, 5, 7]]
     assert plan.dst.tolist() == [[3, 3]]
+
+
+def test_without_a_protected_token_unmerged_a_stay_in_descending_score_order():
+    # A = 0, 2, 4; B = 1, 3, 5. Best matches: 4 -> 1 (cos 1), 2 -> 1 (0.71, a tie with 3), 0 -> 5 (0.55)
+    metric = torch.tensor([[[-1.0, -1.5], [1, 0], [1, 1], [0, 1], [1, 0], [-1, 0]]])
+    plan = bipartite_soft_matching(metric, 1, num_protected=0)
+    assert plan.src.tolist() == [[4]] and plan.dst.tolist() == [[2]]
+    assert plan.keep.tolist() == [[2, 0, 1, 3, 5]]  # unmerged A by descending score, then B
+    assert bipartite_soft_matching(metric, 1, num_protected=1).keep.tolist() == [[0, 2, 1, 3, 5]]  # by position
 
 
 def test_merge_invariants():

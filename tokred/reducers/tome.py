@@ -19,6 +19,25 @@ if TYPE_CHECKING:
     from tokred.signals import Signal
 
 
+def a_output_order(best: Tensor, num_protected: int) -> Tensor:
+    """Sort keys (B, K) for K tokens with best-match scores ``best`` (B, K), in position order: ToMe's
+    output lays out its unmerged A tokens by ascending key. That is by position when a token is
+    protected (class, distillation, registers), and in descending best-match order, ties to the
+    lower position, when none is (e.g. SigLIP towers), as the original ToMe leaves them. The order
+    decides the next block's A/B split, so it is part of the method."""
+    if num_protected:
+        return torch.arange(best.shape[-1], device=best.device).expand_as(best)
+    return descending_rank(best)
+
+
+def descending_rank(scores: Tensor) -> Tensor:
+    """(B, K) rank of every score of ``scores`` (B, K) in its row's descending order; ties: the lower
+    position ranks first (a stable sort)."""
+    order = scores.argsort(dim=-1, descending=True, stable=True)
+    positions = torch.arange(scores.shape[-1], device=scores.device).expand_as(scores)
+    return torch.empty_like(order).scatter_(-1, order, positions)
+
+
 def bipartite_soft_matching(metric: Tensor, r: int, num_protected: int = 0) -> Plan:
     """ToMe's bipartite soft matching, as a pure function.
 
@@ -29,9 +48,9 @@ def bipartite_soft_matching(metric: Tensor, r: int, num_protected: int = 0) -> P
 
     Rule: tokens are split by position into A (even) and B (odd); every unprotected A token
     finds its most cosine-similar unprotected B token; the r A tokens with the highest such
-    score merge into their match. Output order: protected tokens, unmerged A tokens in their
-    original order, then all B tokens in their original order. Ties in score go to the
-    lower position.
+    score merge into their match. Output order: protected tokens, unmerged A tokens
+    (:func:`a_output_order`: by position when a token is protected, else by descending score),
+    then all B tokens in their original order. Ties in score go to the lower position.
 
     Returns:
         A merge :class:`~tokred.plan.Plan` from N to N - r tokens (r after capping).
@@ -56,8 +75,8 @@ def bipartite_soft_matching(metric: Tensor, r: int, num_protected: int = 0) -> P
     best_score, best_b = scores.max(dim=-1)
     order = best_score.argsort(dim=-1, descending=True, stable=True)
     merged_a = order[:, :r]
-    unmerged_a = order[:, r:].sort(dim=-1).values
     num_kept_a = num_a - r
+    unmerged_a = a_output_order(best_score, protected).scatter(1, merged_a, num_a).argsort(dim=1)[:, :num_kept_a]
     keep = torch.cat([prefix, first_a + 2 * unmerged_a, b_positions], dim=1)
     src = first_a + 2 * merged_a
     dst = protected + num_kept_a + best_b.gather(1, merged_a)
