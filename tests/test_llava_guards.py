@@ -62,15 +62,40 @@ def test_decode_after_an_unreduced_prefill_passes_the_guard(models):
 
 
 @torch.no_grad()
-def test_an_unknown_keyword_is_refused(models):
-    """A renamed argument (here: the cache arriving as ``kv_cache``) must not be run on as if absent."""
+def test_an_unknown_keyword_is_refused_by_name(models):
+    """A misspelt or renamed argument (here: the cache arriving as ``kv_cache``) must not be run on as if
+    absent; the error names it and the installed transformers, and does not send the user to reinstall."""
     model = models["llava"]
     inputs = llava_inputs(model, PROMPTS)
     with tokred.applied(model, tokred.DART(keep=0.5, layer=2)):
         out = model(**inputs, use_cache=True)
         token, mask = next_step(inputs, out)
-        with pytest.raises(CompatibilityError, match=r"\['kv_cache'\].*transformers " + transformers.__version__):
+        with pytest.raises(TypeError, match=r"keyword argument\(s\) 'kv_cache'.*transformers "
+                           + transformers.__version__) as error:
             model(input_ids=token, attention_mask=mask, kv_cache=out.cache)
+        assert "install" not in str(error.value)
+
+
+@pytest.mark.parametrize("reducer", [tokred.FastV(keep=0.5, layer=2), tokred.DART(keep=0.5, layer=2),
+                                     tokred.ATP(layers=(1, 3), thresholds=1.0)], ids=str)
+def test_gradient_checkpointing_is_refused_for_reducers_reading_the_cache(models, reducer):
+    """Checkpointed decoder layers run without a cache, where FastV / DART / ATP read their keys: a clear
+    refusal while training with gradients; in eval mode or without gradients the same model runs."""
+    model = models["llava"]
+    inputs = llava_inputs(model, PROMPTS)
+    model.gradient_checkpointing_enable()
+    try:
+        with tokred.applied(model, reducer):
+            model.train()
+            with pytest.raises(ValueError, match="gradient checkpointing.*gradient_checkpointing_disable"):
+                model(**inputs)
+            with torch.no_grad():
+                model(**inputs)
+            model.eval()
+            model(**inputs)
+    finally:
+        model.gradient_checkpointing_disable()
+        model.eval()
 
 
 def test_a_decoder_layer_with_another_signature_is_refused(models):

@@ -381,6 +381,8 @@ class LanguageModelEngine:
         if self.unmerges:
             return self._prefill_unmerged(seq, cache, keep_cache)
         reducer = self.reducer
+        if reducer is not None and (reducer.needs_keys or reducer.needs_last_attention or reducer.needs_attention):
+            self._check_no_checkpointing()
         segment = Segment(0, seq.valid, next_position)
         self._segment_inputs(segment, seq.hidden, seq.hidden.shape[1], seq.positions)
         segments, lengths = [segment], [(0, seq.hidden.shape[1])]
@@ -405,6 +407,16 @@ class LanguageModelEngine:
         if keep_cache:
             cache._tokred = segments
         return Prefill(self.language_model.norm(hidden), seq, segments, lengths, plans=plans)
+
+    def _check_no_checkpointing(self) -> None:
+        """Refuse gradient checkpointing (a layer recomputed in the backward pass runs without the
+        cache): the reducer's signal comes from the keys the decoder layers cached."""
+        if torch.is_grad_enabled() and any(getattr(layer, "gradient_checkpointing", False) and layer.training
+                                           for layer in self.layers):
+            raise ValueError(f"{type(self.reducer).__name__} reads the keys the decoder layers cache, and gradient "
+                             "checkpointing runs them without a cache: disable it with "
+                             "model.gradient_checkpointing_disable(), or run without gradients (torch.no_grad(), "
+                             "model.eval())")
 
     def _prefill_unmerged(self, seq: Sequence, cache, keep_cache: bool) -> Prefill:
         """VTU's prefill: every decoder layer with its attention on the virtual sequence
