@@ -33,7 +33,8 @@ import torch
 from torch import Tensor, nn
 
 from tokred.adapters.base import Adapter, replace_forward, restore_forward
-from tokred.decoder import CompatibilityError, LanguageModelEngine, Rotary1D, Sequence, Unmerged, cache_keyword
+from tokred.decoder import (CompatibilityError, LanguageModelEngine, Rotary1D, Sequence, Unmerged, cache_keyword,
+                            transformers_version)
 from tokred.flops import FlopsReport, LayerCosts, attention_flops, linear_flops
 from tokred.plan import sequence_plan
 from tokred.reducers.base import Reducer, keeps_everything
@@ -229,8 +230,11 @@ class VisionLanguageAdapter(Adapter):
                 prompt_length: int | None = None, **kwargs):
         unknown = sorted(set(kwargs) - self.known_keywords)
         if unknown:
-            raise CompatibilityError(f"{type(self.model).__name__}.forward got keyword(s) {unknown} that tokred's "
-                                     "adapter does not know")
+            name = type(self.model).__name__
+            raise TypeError(f"{name}.forward got the keyword argument(s) {', '.join(map(repr, unknown))}, which "
+                            f"tokred's patched forward does not know (neither a parameter of {name}.forward in "
+                            f"transformers {transformers_version()} nor tokred's own): check the spelling or leave "
+                            "it out; tokred.remove(model) runs the model unreduced")
         cache = kwargs.pop("cache", None)  # transformers >= 5.24; the old name wins only when alone
         old_name = kwargs.pop("past_key_values", None)
         cache = cache if cache is not None else old_name
