@@ -5,7 +5,7 @@ import pytest
 import timm
 import torch
 from timm.models.deit import VisionTransformerDistilled
-from timm.models.vision_transformer import ResPostBlock
+from timm.models.vision_transformer import ResPostBlock, VisionTransformer
 from torch import nn
 
 import tokred
@@ -264,6 +264,16 @@ def test_unsupported_models():
     with pytest.raises(TypeError, match="no adapter for timm.models.resnet.ResNet"):
         tokred.apply(resnet, tokred.ToMe(r=1))
     assert type(resnet).__name__ == "ResNet"
+
+
+def test_a_torch_compile_wrapper_is_refused_pointing_to_the_model_it_wraps(images):
+    model = tiny_vit()
+    compiled = torch.compile(model)
+    with pytest.raises(TypeError, match=r"torch.compile wrapper .*VisionTransformer.*compiled\._orig_mod"):
+        tokred.apply(compiled, tokred.ToMe(r=2))
+    assert type(model) is VisionTransformer and tokred.reducers_of(model) == ()
+    tokred.apply(compiled._orig_mod, tokred.ToMe(r=2))  # what the message says works
+    assert tokred.reducers_of(model) == (tokred.ToMe(r=2),)
 
 
 def test_unsupported_block_type(images):

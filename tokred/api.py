@@ -49,6 +49,11 @@ def find_adapter(model: nn.Module) -> type:
     """The adapter class for ``model``; a ``TypeError`` naming the supported families otherwise."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"tokred patches torch.nn.Module models, got {type(model).__name__}")
+    wrapped = model._modules.get("_orig_mod")
+    if type(model).__name__ == "OptimizedModule" and wrapped is not None:
+        raise TypeError(f"tokred cannot patch a torch.compile wrapper (OptimizedModule of {type(wrapped).__name__}): "
+                        "apply tokred to the model it wraps, tokred.apply(compiled._orig_mod, ...), or apply it "
+                        "before torch.compile")
     adapters = registered_adapters()
     for adapter in adapters:
         if adapter.matches(model):
