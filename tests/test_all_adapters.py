@@ -146,3 +146,20 @@ def test_non_finite_signal_is_refused_and_the_model_stays_usable(name, reducer, 
         assert model._tokred_adapter.vision_stage.run is None  # the failed forward left no half-done run
         assert torch.equal(run(model, batch), want)
         assert tokred.last_trace(model).batch_size == 2 and tokred.last_trace(model).tokens()[-1] < 64
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("reducer", REDUCERS + [tokred.DToMe(thresholds=0.5)], ids=str)
+def test_an_empty_batch_gives_the_unpatched_models_empty_output(name, reducer, batch):
+    """Where the unpatched model runs a batch of no images, the patched one gives the same (empty) output."""
+    build, run, _ = MODELS[name]
+    model = build()
+    empty = batch[:0]
+    with torch.no_grad():
+        try:
+            want = run(model, empty)
+        except RuntimeError:  # e.g. timm Eva's rotary embeddings cannot reshape 0 elements: nothing to match
+            pytest.skip(f"the unpatched {name} model fails on an empty batch")
+        with tokred.applied(model, reducer):
+            got = run(model, empty)
+    assert got.shape == want.shape and got.dtype == want.dtype

@@ -174,7 +174,8 @@ class VisionStage:
         if self.calibration is not None:
             return self.calibration.block(self, layer, x, attend, feed_forward)
         before = reducer is not None and reducer.where == "before_block"
-        requested = reducer.removes(layer, self.depth, self._signal(x, None)) if reducer is not None else 0
+        empty = x.shape[0] == 0  # a batch of no images: nothing to reduce, the model's own block runs
+        requested = reducer.removes(layer, self.depth, self._signal(x, None)) if reducer is not None and not empty else 0
         record = LayerRecord(self.stage, layer, tokens_in=x.shape[1], tokens_attention=x.shape[1],
                              tokens_out=x.shape[1], requested=requested)
         if before and requested:
