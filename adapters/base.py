@@ -22,13 +22,32 @@ from tokred.trace import Trace
 _PATCHED_CLASSES: dict[tuple[type, type], type] = {}
 
 
-def swap_class(module: nn.Module, mixin: type) -> None:
-    """Make ``module`` an instance of ``mixin`` + its own class; undone by :func:`restore_class`."""
-    original = type(module)
+def patched_class(original: type, mixin: type) -> type:
+    """The class ``mixin`` + ``original`` (one per pair), whose instances pickle by that pair."""
     patched = _PATCHED_CLASSES.get((original, mixin))
     if patched is None:
-        patched = type(f"Tokred{original.__name__}", (mixin, original), {"_tokred_original_class": original})
+        patched = type(f"Tokred{original.__name__}", (mixin, original),
+                       {"_tokred_original_class": original, "_tokred_mixin": mixin, "__reduce_ex__": _reduce_patched})
         _PATCHED_CLASSES[(original, mixin)] = patched
+    return patched
+
+
+def _reduce_patched(module: nn.Module, protocol: int):
+    """Pickle a patched module as its original class and mixin (importable classes, unlike the
+    patched class built at run time), then its state as usual."""
+    _, _, *rest = object.__reduce_ex__(module, protocol)  # (copyreg.__newobj__, (patched class,), state, ...)
+    return (_new_patched, (module._tokred_original_class, module._tokred_mixin), *rest)
+
+
+def _new_patched(original: type, mixin: type) -> nn.Module:
+    """An empty instance of :func:`patched_class` (unpickling fills its state)."""
+    patched = patched_class(original, mixin)
+    return patched.__new__(patched)
+
+
+def swap_class(module: nn.Module, mixin: type) -> None:
+    """Make ``module`` an instance of ``mixin`` + its own class; undone by :func:`restore_class`."""
+    patched = patched_class(type(module), mixin)
     module.__class__ = patched
     if is_hooked(module):  # the hook calls the forward it wrapped, the original class's: wrap the patched one
         replace_forward(module, patched.forward.__get__(module))

@@ -76,28 +76,32 @@ class VisualItem:
     sources: Tensor | None = None
 
 
-class PatchedForward:
-    """The patched model's ``forward``: calls its adapter, and shows the class forward's signature
-    (``generate`` inspects it). An object rather than a closure so that ``copy.deepcopy`` of the
-    model gives a copy whose forward calls the copy's adapter."""
+class ModelMethod:
+    """A callable standing in for the model's method ``original`` for ``adapter``: an object rather
+    than a closure, so that ``copy.deepcopy`` of the model gives a copy calling the copy's adapter. It
+    shows the original's name and signature (``generate`` inspects them) and pickles as (adapter,
+    original) alone: the copies ``functools.update_wrapper`` makes (annotations) need not pickle."""
 
-    def __init__(self, adapter: VisionLanguageAdapter):
-        self.adapter = adapter
-        functools.update_wrapper(self, adapter.original_forward)
+    def __init__(self, adapter: VisionLanguageAdapter, original):
+        self.adapter, self.original = adapter, original
+        functools.update_wrapper(self, original)
+
+    def __reduce__(self):
+        return type(self), (self.adapter, self.original)
+
+
+class PatchedForward(ModelMethod):
+    """The patched model's ``forward`` (``original``: the class's): calls its adapter."""
 
     def __call__(self, *args, **kwargs):
         return self.adapter.forward(*args, **kwargs)
 
 
-class PatchedGenerate:
+class PatchedGenerate(ModelMethod):
     """The patched model's ``generate``: the model's own, during which the adapter knows the prompt's
     length (:attr:`VisionLanguageAdapter.generating`: the first prefill's). Without a cache every step
     re-runs the prompt and the tokens generated so far; reducers then decide on the prompt alone, as
     in the cached run, so ``generate(use_cache=False)`` gives what ``generate()`` gives."""
-
-    def __init__(self, adapter: VisionLanguageAdapter, original):
-        self.adapter, self.original = adapter, original
-        functools.update_wrapper(self, original)
 
     def __call__(self, *args, **kwargs):
         outer, self.adapter.generating = self.adapter.generating, {}
@@ -107,16 +111,12 @@ class PatchedGenerate:
             self.adapter.generating = outer
 
 
-class FeaturesWithAttention:
+class FeaturesWithAttention(ModelMethod):
     """The model's ``get_video_features`` (or ``get_image_features``) that also records, on its
     output, ``tokred_received``: per item, the attention each of its tokens received in the vision
     tower's ``adapter.attention_layer`` (:meth:`VisionLanguageAdapter.received_attention`, on that
     layer's inputs captured while the method runs). Installed on the model only while a reducer
     needs it; ``generate`` encodes through it before the prefill, a forward through the adapter."""
-
-    def __init__(self, adapter: VisionLanguageAdapter, original):
-        self.adapter, self.original = adapter, original
-        functools.update_wrapper(self, original)  # generate() reads the signature
 
     def __call__(self, *args, **kwargs):
         captured = []
@@ -198,7 +198,7 @@ class VisionLanguageAdapter(Adapter):
             for modality in self.attention_modalities:
                 name = f"get_{modality}_features"
                 setattr(base, name, FeaturesWithAttention(self, getattr(base, name)))
-        replace_forward(self.model, PatchedForward(self))
+        replace_forward(self.model, PatchedForward(self, self.original_forward))
         self._previous_generate = self.model.__dict__.get("generate")
         self.model.generate = PatchedGenerate(self, self.model.generate)
         self.model._tokred_adapter = self
