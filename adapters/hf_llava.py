@@ -82,7 +82,7 @@ class LlavaAdapter(VisionLanguageAdapter):
         super().__init__(model, reducers, base.language_model)
         current = model.__dict__.get("_tokred_adapter")
         self.tower = VisionTower(base.vision_tower, reducers.get("vision"), on_end=self._tower_done,
-                                 replaces=current.tower if isinstance(current, LlavaAdapter) else None)
+                                 replaces=current.tower if isinstance(current, LlavaAdapter) else None, part_of=model)
         projector = reducers.get("projector")
         if isinstance(projector, Pool) and self.image_grid() is None and self.kind != "llava_onevision":
             raise ValueError(f"Pool at the projector stage needs each image's visual tokens to form the patch grid; "

@@ -31,6 +31,13 @@ tower module (the ``vision_tower`` of a LLaVA model is a ``CLIPVisionModel`` or
 ``__init__`` (validation only), calls ``patch()`` / ``unpatch()``, receives the trace of every
 tower forward through ``on_end`` (also kept as ``tower.trace``) and adds the tower's FLOPs to its
 report with ``tower.add_flops(trace, report)``.
+
+A LLaVA's tower patched on its own (``tokred.apply(llava.model.vision_tower, ...)``) is reduced as
+a tower: calling it gives reduced outputs, but the unpatched LLaVA's forward then gets fewer image
+features than image placeholders (transformers raises "Image features and image tokens do not
+match"). Give the vision-stage reducer to ``tokred.apply(llava, ...)`` instead; the two patches
+refuse each other, and a projector or ``llm`` reducer applied to the tower says to apply it to the
+whole model.
 """
 from __future__ import annotations
 
@@ -161,12 +168,14 @@ class VisionTower:
         on_end: called with the :class:`~tokred.trace.Trace` at the end of every tower forward.
         replaces: the :class:`VisionTower` currently patched into ``tower`` that the caller will
             unpatch before :meth:`patch` (re-applying); any other existing patch is refused.
+        part_of: the model ``tower`` belongs to, when tokred patches that model (a LLaVA), for messages.
 
     The constructor only validates (``TypeError`` / ``ValueError``, the model untouched).
     """
 
     def __init__(self, tower: nn.Module, reducer: Reducer | None, stage: str = "vision",
-                 on_end: Callable[[Trace], None] | None = None, replaces: VisionTower | None = None):
+                 on_end: Callable[[Trace], None] | None = None, replaces: VisionTower | None = None,
+                 part_of: nn.Module | None = None):
         families = _families()
         if not families:
             raise TypeError("the Hugging Face vision adapter needs transformers installed")
@@ -191,10 +200,16 @@ class VisionTower:
                             "SiglipMultiheadAttentionPoolingHead")
         for module in [embeddings, encoder, *encoder.layers, *([head] if head is not None else [])]:
             owner = module.__dict__.get("_tokred_tower")
+            if owner is not None and owner is not replaces and owner.part_of is None:
+                raise ValueError(f"the vision tower of this model ({name}) is already patched by tokred on its own "
+                                 "(tokred.apply(tower, ...)): tokred.remove(tower) first, then give the vision-stage "
+                                 "reducer to tokred.apply on the whole model")
             if owner is not None and owner is not replaces:
-                raise ValueError(f"the vision tower of this model is already patched by tokred through another "
-                                 f"model ({type(owner.module).__name__}); call tokred.remove on that one first")
+                raise ValueError(f"this {name} is already patched by tokred as part of {owner.part_of}, whose "
+                                 f"forward reduces it: to change its vision-stage reducer, tokred.apply it to the "
+                                 f"{owner.part_of}; to patch the tower on its own, tokred.remove that model first")
         self.module, self.embeddings, self.encoder, self.head = tower, embeddings, encoder, head
+        self.part_of = type(part_of).__name__ if part_of is not None else None
         self.layers = list(encoder.layers)
         self.num_prefix = 1 if hasattr(embeddings, "class_embedding") else 0
         self.stage = VisionStage(reducer, len(self.layers), self.num_prefix, stage)

@@ -279,3 +279,27 @@ def test_thresholds_in_the_tower_batch_equals_one_by_one():
             single = llava_inputs(model, [prompt], seed=5)
             single["pixel_values"] = batch["pixel_values"][i:i + 1]
             torch.testing.assert_close(model(**single).logits[:, -1], logits[i:i + 1], atol=1e-10, rtol=1e-10)
+
+
+def test_patching_only_a_llavas_vision_tower_explains_itself():
+    """The tower alone is a CLIP vision tower (vision stage only): an llm reducer there says to apply it to
+    the whole model; a tower patched on its own and the LLaVA patched as a whole refuse each other by name."""
+    model = tiny_llava()
+    tower = model.model.vision_tower
+    classes = [type(m) for m in model.modules()]
+    with pytest.raises(ValueError, match="'llm' stage.*apply the reducer to the whole model"):
+        tokred.apply(tower, tokred.FastV(keep=0.5, layer=2))
+    assert [type(m) for m in model.modules()] == classes
+    tokred.apply(tower, tokred.ToMe(r=2))
+    with torch.no_grad():
+        tower(pixel_values=torch.randn(1, 3, 32, 32))
+    assert tokred.last_trace(tower).tokens()[-1] < tokred.last_trace(tower).layers[0].tokens_in
+    with pytest.raises(ValueError, match=r"vision tower of this model \(CLIPVisionModel\) is already patched by "
+                                         r"tokred on its own.*tokred.remove\(tower\)"):
+        tokred.apply(model, tokred.ToMe(r=2))
+    tokred.remove(tower)
+    tokred.apply(model, tokred.ToMe(r=2))
+    with pytest.raises(ValueError, match="already patched by tokred as part of LlavaForConditionalGeneration"):
+        tokred.apply(tower, tokred.ToMe(r=3))
+    tokred.remove(model)
+    assert [type(m) for m in model.modules()] == classes

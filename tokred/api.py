@@ -81,8 +81,11 @@ def apply(model: nn.Module, *reducers: Reducer) -> nn.Module:
         if not isinstance(reducer, Reducer):
             raise TypeError(f"expected tokred reducers such as tokred.ToMe(r=8), got {reducer!r}")
         if reducer.stage not in adapter_class.stages:
+            hint = ("; the projector and the language model are a vision-language model's: apply the reducer to "
+                    "the whole model (e.g. tokred.apply(llava, ...)), not to its vision tower"
+                    if reducer.stage in ("projector", "llm") else "")
             raise ValueError(f"{type(reducer).__name__} acts at the '{reducer.stage}' stage, which "
-                             f"{type(model).__name__} does not have; its stages are {list(adapter_class.stages)}")
+                             f"{type(model).__name__} does not have; its stages are {list(adapter_class.stages)}{hint}")
         if reducer.needs_heads and not adapter_class.provides_heads:
             raise ValueError(f"{type(reducer).__name__} needs the attention's per-head queries and keys, which "
                              f"tokred's adapter for {type(model).__name__} does not provide yet")
