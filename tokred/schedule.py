@@ -49,3 +49,24 @@ def per_layer(r, num_layers: int) -> list[int]:
     if len(r) > num_layers:
         raise ValueError(f"the r schedule has {len(r)} entries but the model has only {num_layers} blocks")
     return r + [0] * (num_layers - len(r))
+
+
+def dymu_schedule(r: int, num_layers: int, reverse: bool = False) -> list[int]:
+    """DyMU's ``linear`` schedule (``reverse_linear`` with ``reverse``): M = r * L tokens over the L
+    layers, decreasing from r0 = floor(2M / L) in steps of r0 / L: layer k removes floor(r0 - k r0 / L)
+    while that keeps the running sum below M, then the remainder, then 0 (M = 24, L = 4: 12, 9, 3, 0;
+    reversed 0, 3, 9, 12). Raises ``ValueError`` when the ramp cannot remove M tokens (small r over
+    many layers)."""
+    if not _is_int(r) or r < 0:
+        raise ValueError(f"r must be an int >= 0 for DyMU's linear schedules, got {r!r}")
+    total = r * num_layers
+    first = 2 * total // num_layers if num_layers else 0
+    out, left = [], total
+    for k in range(num_layers):
+        out.append(min(first * (num_layers - k) // num_layers, left))  # floor(r0 - k r0 / L), in integers
+        left -= out[-1]
+    if left:
+        raise ValueError(f"DyMU's linear schedule with r={r} over {num_layers} layers removes only {total - left} of "
+                         f"the r * L = {total} tokens asked; use a larger r, the constant schedule or a list of "
+                         "r per layer")
+    return out[::-1] if reverse else out

@@ -6,8 +6,8 @@ over heads (A = even, B = odd positions among the image's live tokens; protected
 but instead of a fixed r, **every** A token whose best cosine match exceeds the block's threshold
 tau_l merges into it (size-weighted; proportional attention on). Each image keeps its own number
 of tokens; a batch is padded and masked. Between blocks the output has ToMe's order — protected
-tokens, unmerged A tokens in order, then all B tokens — because the next block's A/B split is taken
-on that order.
+tokens, unmerged A tokens (by position after a class token, else by descending score), then all B
+tokens — because the next block's A/B split is taken on that order.
 
 The thresholds come from :func:`calibrate_dtome`: DyMU's batch-level calibration, in which each
 block merges the r_l * B most similar edges pooled over a batch of B images and records the
@@ -28,7 +28,8 @@ from torch import Tensor
 
 from tokred.plan import Plan
 from tokred.reducers.base import Reducer, check_flag, per_block
-from tokred.schedule import per_layer
+from tokred.reducers.tome import a_output_order, descending_rank
+from tokred.schedule import dymu_schedule, per_layer
 
 if TYPE_CHECKING:
     from tokred.signals import Signal
@@ -68,18 +69,24 @@ def similarity_flops(signal: Signal) -> int:
     return 2 * batch * num_tokens * num_tokens * dim
 
 
-def tome_order_plan(merged: Tensor, match: Tensor, alive: Tensor, num_protected: int) -> Plan:
+def tome_order_plan(merged: Tensor, match: Tensor, alive: Tensor, best: Tensor, num_protected: int,
+                    reorder_unmerged_images: bool = False) -> Plan:
     """Merge plan: every token where ``merged`` (B, N) merges into ``match``; the output of each image is
-    its protected tokens, its unmerged A tokens (even live rank), then its B tokens (odd live rank), each
-    in order; an image that merges nothing keeps its order (ToMe with r = 0 does nothing), so a batch
-    gives what each image alone gives. Images with fewer survivors are padded at the end (``Plan.padded``)."""
+    its protected tokens, its unmerged A tokens (even live rank) in ToMe's order for best-match scores
+    ``best`` (:func:`~tokred.reducers.tome.a_output_order`: by position with a protected token, else by
+    descending score), then its B tokens (odd live rank) in order. An image that merges nothing keeps
+    its order (ToMe with r = 0 does nothing, so a batch gives what each image alone gives), unless
+    ``reorder_unmerged_images`` (DyMU's batch-level calibration lays out every image of the batch).
+    Images with fewer survivors are padded at the end (``Plan.padded``)."""
     batch, num_tokens = alive.shape
     positions = torch.arange(num_tokens, device=alive.device).expand(batch, -1)
     rank = alive.long().cumsum(dim=1) - 1
     survives = alive & ~merged
     group = torch.where(rank < num_protected, 0, torch.where(rank % 2 == 0, 1, 2))
-    group = torch.where(merged.any(dim=1, keepdim=True), group, 0)
-    key = torch.where(survives, group * num_tokens + positions, 3 * num_tokens + positions)
+    if not reorder_unmerged_images:
+        group = torch.where(merged.any(dim=1, keepdim=True), group, 0)
+    within = torch.where(group == 1, a_output_order(best, num_protected), positions)
+    key = torch.where(survives, group * num_tokens + within, 3 * num_tokens + positions)
     order = key.argsort(dim=1)
     counts = survives.sum(dim=1)
     width = int(counts.max()) if batch else 0
@@ -98,25 +105,33 @@ def tome_order_plan(merged: Tensor, match: Tensor, alive: Tensor, num_protected:
 def dtome_plan(metric: Tensor, threshold: float, num_protected: int = 0, sizes: Tensor | None = None) -> Plan:
     """DToMe's rule for one block, as a pure function: every A token whose best match is more
     cosine-similar than ``threshold`` merges into it (see :func:`best_matches` for A, B and ties,
-    :func:`tome_order_plan` for the output order). ``threshold >= 1`` never merges."""
+    :func:`tome_order_plan` for the output order), at most ToMe's cap of (live - protected) // 2 per
+    image, i.e. |A| - 1 for an odd number of live tokens and no protected token: the A tokens with the
+    highest scores merge. ``threshold >= 1`` never merges."""
     alive, _, best, match = best_matches(metric, num_protected, sizes)
-    return tome_order_plan(best > threshold, match, alive, num_protected)
+    cap = (alive.sum(dim=1, keepdim=True) - num_protected).clamp(min=0) // 2
+    merged = (best > threshold) & (descending_rank(best) < cap)
+    return tome_order_plan(merged, match, alive, best, num_protected)
 
 
 def batch_merge_statistic(best: Tensor, r: int) -> tuple[Tensor, float]:
-    """DyMU's calibration step for one block: pool the best-match scores of all A tokens of the
-    batch (``best``: (B, N), -inf elsewhere), merge the r * B highest (a stable sort: ties to the
-    earlier image and position), and return the merge mask and the statistic t = the largest score
-    not merged (the one at rank r * B, or the last one if there are fewer edges), clamped at 0."""
+    """DyMU's calibration step for one block: pool the best-match scores of the batch (``best``: (B, N),
+    A tokens at even positions, padding at the end, -inf for every token that is not an A token),
+    merge the r * B highest (a stable sort: ties to the earlier image and position), and return the
+    merge mask and the statistic t. As in the reference, t is read from all B * ceil(N / 2) rows of
+    even positions, sorted descending, with the class row, padding and any other row that is not a
+    real edge at -inf: t = the score at rank min(r * B, rows - 1), the largest one not merged, clamped
+    at 0 (so t = 0 when every real edge merges and a -inf row is left)."""
+    batch, num_tokens = best.shape
     flat = best.reshape(-1)
-    edges = int(torch.isfinite(flat).sum())
     merged = torch.zeros_like(flat, dtype=torch.bool)
-    if edges == 0:
+    rows = batch * ((num_tokens + 1) // 2)
+    if rows == 0:
         return merged.view_as(best), 0.0
-    order = torch.sort(flat, descending=True, stable=True).indices[:edges]
-    count = min(r * best.shape[0], edges)
-    merged[order[:count]] = True
-    statistic = float(flat[order[min(count, edges - 1)]])
+    scores, order = torch.sort(flat, descending=True, stable=True)
+    edges = int(torch.isfinite(flat).sum())
+    merged[order[:min(r * batch, edges)]] = True
+    statistic = float(scores[min(r * batch, rows - 1)])
     return merged.view_as(best), max(statistic, 0.0)
 
 
@@ -168,14 +183,17 @@ class _BatchLevelMerging(Reducer):
     stage = "vision"
     decides_per_token = True
 
-    def __init__(self, r, prop_attn: bool):
-        self.r, self.prop_attn = r, prop_attn
+    def __init__(self, r, schedule: str, prop_attn: bool):
+        self.r, self.prop_attn, self.schedule_name = r, prop_attn, schedule
         self.schedule: list[int] = []
         self.statistics: list[list[float]] = []
 
     def check(self, num_layers: int) -> None:
         """Expands the r schedule once the adapter knows the depth."""
-        self.schedule = per_layer(self.r, num_layers)
+        if self.schedule_name == "constant" or isinstance(self.r, list):
+            self.schedule = per_layer(self.r, num_layers)
+        else:
+            self.schedule = dymu_schedule(self.r, num_layers, reverse=self.schedule_name == "reverse_linear")
         if any(v < 0 for v in self.schedule):
             raise ValueError(f"r must be >= 0 in every block, got {self.schedule}")
         self.statistics = [[] for _ in self.schedule]
@@ -187,14 +205,14 @@ class _BatchLevelMerging(Reducer):
         alive, _, best, match = best_matches(signal.keys, signal.num_protected, signal.sizes)
         merged, statistic = batch_merge_statistic(best, self.schedule[layer])
         self.statistics[layer].append(statistic)
-        return tome_order_plan(merged, match, alive, signal.num_protected)
+        return tome_order_plan(merged, match, alive, best, signal.num_protected, reorder_unmerged_images=True)
 
     def overhead_flops(self, signal: Signal) -> int:
         return similarity_flops(signal)
 
 
-#: DyMU's r schedules, as ToMe (r, inflection) ramps: constant, increasing and decreasing with depth
-SCHEDULES = {"constant": 0.0, "linear": 1.0, "reverse_linear": -1.0}
+#: DyMU's r schedules (:func:`tokred.schedule.dymu_schedule` for the linear ones)
+SCHEDULES = ("constant", "linear", "reverse_linear")
 
 
 @torch.no_grad()
@@ -208,8 +226,10 @@ def calibrate_dtome(model, images, r: int | list[int], schedule: str = "constant
         images: an iterable of batches (tensors, or (tensor, label) pairs) of unlabeled images; the
             calibration batches (B images each) should be large: the statistic pools over the batch.
         r: tokens to remove per block on average: an int (shaped by ``schedule``) or one per block.
-        schedule: ``"constant"`` (r in every block), ``"linear"`` (0 rising to 2r) or
-            ``"reverse_linear"`` (2r falling to 0), ToMe's (r, inflection) ramps with inflection 0, 1, -1.
+        schedule: for an int r, DyMU's schedules of r * L tokens over the L blocks: ``"constant"`` (r in
+            every block), ``"linear"`` (most in the first block, decreasing: 12, 9, 3, 0 for r = 6 over
+            4 blocks) or ``"reverse_linear"`` (the same reversed: 0, 3, 9, 12); see
+            :func:`tokred.schedule.dymu_schedule`.
         forward: ``forward(model, batch)`` for models not called as ``model(batch)``.
 
     Procedure (the reference's, with its bookkeeping fixed): each batch runs with batch-level merging
@@ -223,8 +243,10 @@ def calibrate_dtome(model, images, r: int | list[int], schedule: str = "constant
     from tokred.api import applied
 
     if schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {sorted(SCHEDULES)}, got {schedule!r}")
-    calibration = _BatchLevelMerging(list(r) if isinstance(r, (list, tuple)) else (r, SCHEDULES[schedule]), prop_attn)
+        raise ValueError(f"schedule must be one of {list(SCHEDULES)}, got {schedule!r}")
+    if isinstance(r, (list, tuple)) and schedule != "constant":
+        raise ValueError(f"schedule={schedule!r} shapes an int r; r={r!r} already gives one r per block")
+    calibration = _BatchLevelMerging(list(r) if isinstance(r, (list, tuple)) else r, schedule, prop_attn)
     batches = 0
     with applied(model, calibration):
         for batch in tqdm(images, desc="calibrating DToMe", disable=not progress):
