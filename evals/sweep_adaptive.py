@@ -116,7 +116,7 @@ def matched_keep(model, processor, questions, make, goal: float) -> tuple[int, f
 def settings(model, processor, kinds, calibration: int, progress: bool):
     """[(row label, spec label, keep, reducers)] of the adaptive sweep and {label: fitted reducer string}."""
     pixels, inputs, match_questions = calibration_data(processor, calibration)
-    patches, blocks = vs.tower_shape(model)
+    patches, blocks = vs.tower_shape(model.config)
     rows, fitted = [], {}
 
     def add(label, reducers, keep=None, spec=None):

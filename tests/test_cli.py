@@ -129,3 +129,117 @@ def test_a_folder_that_is_no_checkpoint_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["bench", "--model", str(tmp_path)])
     assert "not a Hugging Face checkpoint folder" in capsys.readouterr().err
+
+
+# clear one-line errors for shared options (issue 19 point 11, issue 24 point 5) ----------------------
+def _not_an_image(tmp_path):
+    path = tmp_path / "notes.png"
+    path.write_text("not an image\n")
+    return path
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["bench", "--device", "banana"], "--device banana: not a torch device; use e.g. cpu, cuda"),
+    (["sweep", "--device", "banana", "--no-calibration"], "--device banana: not a torch device"),
+    (["bench", "--model", "vit_no_such_model"], "--model vit_no_such_model: timm has no such model"),
+    (["viz", "--model", "vit_no_such_model"], "--model vit_no_such_model: timm has no such model"),
+    (["viz", "--image", "NOT_AN_IMAGE"], "--image NOT_AN_IMAGE is not an image that PIL can read"),
+    (["viz", "--model", "vit_no_such_model", "--image", "NOT_AN_IMAGE"], "is not an image that PIL can read"),
+    (["bench", "--model", "assets/digit_vlm"], "--model assets/digit_vlm: no such folder"),
+    (["sweep", "--model", "assets/digit_vlm"], "--model assets/digit_vlm: no such folder"),
+    (["viz", "--model", "./nothere"], "--model ./nothere: no such folder"),
+])
+def test_bad_shared_options_are_one_line_errors(argv, message, tmp_path, capsys):
+    image = str(_not_an_image(tmp_path))
+    argv = [image if a == "NOT_AN_IMAGE" else a for a in argv]
+    with pytest.raises(SystemExit) as exit_:
+        main(argv + ["--out", str(tmp_path / ("out.png" if argv[0] == "viz" else "out"))])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1, err
+    assert f"tokred {argv[0]}: error: " in err and message.replace("NOT_AN_IMAGE", image) in err
+
+
+@pytest.mark.parametrize("command", ["bench", "sweep"])
+def test_a_missing_gpu_is_a_one_line_error(command, tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--device", "cuda", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1
+    assert "--device cuda is not available on this machine" in err and "use --device cpu" in err
+
+
+def test_a_non_image_for_a_vlm_checkpoint_is_refused_before_it_loads(checkpoint, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "--model", str(checkpoint), "--image", str(_not_an_image(tmp_path)), "--out", str(tmp_path)])
+    assert exit_.value.code == 2 and "is not an image that PIL can read" in capsys.readouterr().err
+
+
+# tokred bench --model <VLM folder>: prompts and timing options (issue 24 point 4, issue 19 point 6) -----
+def test_bench_vlm_takes_prompts_with_the_image_token_as_written(checkpoint, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("<image> w5 w6\nw8 w9\n")
+    out = tmp_path / "bench"
+    assert main(["bench", "--model", str(checkpoint), "--prompts", str(prompts), "--max-new-tokens", "1",
+                 "--rounds", "1", "--reducers", "none", "--out", str(out)]) == 0
+    report = json.loads((out / "bench_vlm.json").read_text())
+    assert report["prompts"][0] == "<image> w5 w6" and report["prompts"][1].endswith("\nw8 w9 ASSISTANT:")
+    printed = capsys.readouterr().out
+    assert f"from the lines of {prompts}" in printed and "prompt: '<image> w5 w6'" in printed
+
+
+def test_bench_vlm_uses_the_folders_questions(tmp_path, capsys):
+    """The shipped digits VLM is asked its own questions.jsonl, the first --limit of each family."""
+    from tokred.cli import vlm_sweep
+    from tokred.reference import assets_dir
+
+    folder = assets_dir() / "digits_vlm"
+    out = tmp_path / "bench"
+    assert main(["bench", "--model", str(folder), "--limit", "1", "--max-new-tokens", "1", "--rounds", "1",
+                 "--reducers", "none,divprune:keep=0.5", "--out", str(out), "--no-progress"]) == 0
+    report = json.loads((out / "bench_vlm.json").read_text())
+    questions = vlm_sweep.read_questions(folder / "questions.jsonl")
+    firsts = [next(q for q in questions if q.family == f) for f in dict.fromkeys(q.family for q in questions)]
+    assert report["prompts"] == [q.prompt for q in firsts] and len(firsts) == 6
+    assert report["settings"]["image"] is None and "questions.jsonl" in report["settings"]["prompts_from"]
+    printed = capsys.readouterr().out
+    assert f"on 6 prompts from {folder / 'questions.jsonl'}, the first 1 of each question family" in printed
+    assert all(f"prompt: {q.prompt!r}" in printed for q in firsts)
+
+
+def test_bench_vlm_honours_device_threads_and_rounds(checkpoint, tmp_path, monkeypatch):
+    """--device moves the model (a GPU is faked: the move is recorded, the model stays on the CPU), the
+    prefill timing runs --rounds rounds with --threads CPU threads, and torch's setting comes back."""
+    import torch
+
+    from tokred.cli import checks, vlm, vlm_sweep
+
+    moved, timed = [], []
+    load, prefill_seconds = vlm.load, vlm_sweep.prefill_seconds
+
+    def fake_load(path):
+        model, processor = load(path)
+        to = model.to
+        monkeypatch.setattr(model, "to", lambda device: (moved.append(device), to("cpu"))[1], raising=False)
+        return model, processor
+
+    def spy(model, inputs, settings, rounds, **kwargs):
+        timed.append((rounds, torch.get_num_threads()))
+        return prefill_seconds(model, inputs, settings, rounds, **kwargs)
+
+    monkeypatch.setattr(vlm, "load", fake_load)
+    monkeypatch.setattr(vlm_sweep, "prefill_seconds", spy)
+    monkeypatch.setattr(checks, "device", lambda text: torch.device(text))
+    threads = torch.get_num_threads() + 1
+    out = tmp_path / "bench"
+    assert main(["bench", "--model", str(checkpoint), "--device", "cuda", "--threads", str(threads), "--rounds", "3",
+                 "--limit", "1", "--max-new-tokens", "1", "--reducers", "none,divprune:keep=0.5",
+                 "--out", str(out)]) == 0
+    assert moved == [torch.device("cuda")] and timed == [(3, threads)] and torch.get_num_threads() == threads - 1
+    report = json.loads((out / "bench_vlm.json").read_text())
+    assert report["settings"]["device"] == "cuda" and report["timing"]["rounds"] == 3
+    assert report["timing"]["threads"] == threads and report["timing"]["clock"] == "wall"
+    assert all(row["prefill_time_ratio"] > 0 for row in report["results"])

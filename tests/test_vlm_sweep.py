@@ -150,7 +150,7 @@ def test_sweep_of_the_shipped_vlm(tmp_path, capsys):
     readme = tmp_path / "README.md"
     readme.write_text(f"# x\n{vs.README_START}\nold\n{vs.README_END}\ntail\n")
     out = tmp_path / "out"
-    assert main(["sweep", "--model", str(CHECKPOINT), "--limit", "10", "--batch-size", "5", "--rounds", "1",
+    assert main(["sweep", "--model", str(CHECKPOINT), "--limit", "2", "--batch-size", "6", "--rounds", "1",
                  "--max-new-tokens", "20", "--specs", "divprune:keep=1.0,divprune:keep=0.25,fastv:keep=0.25/layer=2",
                  "--out", str(out), "--readme", str(readme), "--no-progress"]) == 0
     report = json.loads((out / vs.JSON_NAME).read_text())
@@ -160,9 +160,13 @@ def test_sweep_of_the_shipped_vlm(tmp_path, capsys):
     assert everything["answers"] == none["answers"] and everything["families"] == none["families"]
     assert none["flops_ratio"] == 1.0 and none["families"]["describe"]["agreement"] == 1.0
     assert divprune["flops_ratio"] < 1 and fastv["flops_ratio"] < 1 and fastv["llm_tokens_last_layer"] < none["llm_tokens_last_layer"]
+    every = vs.read_questions(CHECKPOINT / "questions.jsonl")
+    families = list(dict.fromkeys(q.family for q in every))
+    assert report["families"] == families and report["questions"] == 2 * len(families)   # --limit: 2 per family
     for row in rows:
+        assert all(row["families"][f]["n"] == 2 for f in families)
         family = row["families"]["describe"]
-        assert family["n"] == 10 and 0 <= family["ci95"][0] <= family["accuracy"] <= family["ci95"][1] <= 1
+        assert 0 <= family["ci95"][0] <= family["accuracy"] <= family["ci95"][1] <= 1
         assert row["prefill_gmacs"] * 2 == pytest.approx(row["prefill_gflops"]) and row["ttft_ratio"] > 0
     assert divprune["families"]["describe"]["accuracy"] < none["families"]["describe"]["accuracy"]
     assert none["visual_tokens"] == {"mean": 64, "std": 0, "last_mean": 64, "last_std": 0}
@@ -187,6 +191,44 @@ def test_a_checkpoint_without_questions_needs_a_file(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["sweep", "--model", str(tmp_path), "--specs", "divprune:keep=0.5"])
     assert "ships no questions.jsonl: pass --questions" in capsys.readouterr().err
+
+
+def test_per_family_takes_the_first_of_each_family():
+    questions = [vs.Question(answer=str(i), family=f) for i, f in enumerate("aabab")]
+    assert [q.answer for q in vs.per_family(questions, 1)] == ["0", "2"]
+    assert [q.answer for q in vs.per_family(questions, 2)] == ["0", "1", "2", "4"]
+    assert vs.per_family(questions, None) == questions
+
+
+def test_limit_help_says_questions_per_family(capsys):
+    with pytest.raises(SystemExit):
+        main(["sweep", "--help"])
+    assert "questions per question family" in " ".join(capsys.readouterr().out.split())
+
+
+def test_a_missing_question_file_is_named(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["sweep", "--model", str(CHECKPOINT), "--questions", str(tmp_path / "nothere.jsonl")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and f"question file {tmp_path / 'nothere.jsonl'} not found" in err
+    assert "ships no" not in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--specs", "tom:r=2"], "unknown reducer 'tom' (did you mean 'tome'?)"),
+    (["--reducers", "divprun"], "no default VLM sweep for ['divprun']"),
+    (["--keeps", "2"], "--keeps must lie in (0, 1]"),
+])
+def test_the_spec_is_checked_before_the_model_loads(argv, message, monkeypatch, capsys, tmp_path):
+    from tokred.cli import vlm
+
+    def load(path):
+        raise AssertionError("the model was loaded before the spec was checked")
+
+    monkeypatch.setattr(vlm, "load", load)
+    with pytest.raises(SystemExit):
+        main(["sweep", "--model", str(CHECKPOINT), "--out", str(tmp_path), *argv])
+    assert message in capsys.readouterr().err
 
 
 def test_questions_need_a_checkpoint(tmp_path, capsys):

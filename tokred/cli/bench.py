@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 import tokred
 from tokred import Reducer
-from tokred.cli import tables, vlm
+from tokred.cli import checks, tables, vlm
 
 DEFAULT_REDUCERS = "none,tome:r=2,tome:r=4,tome:r=6,tome:r=8"
 #: timing defaults: one thread, read on the CPU-time clock (on a shared or busy CPU, threads of one
@@ -225,6 +225,19 @@ def quartiles(values: list[float]) -> tuple[float, float, float]:
     return first, median, third
 
 
+def resolve_clock(clock: str, threads: int | None, device: str | torch.device) -> str:
+    """``"cpu"`` or ``"wall"`` for a ``clock`` option (``"auto"``: cpu for one thread on the CPU, else wall)."""
+    if clock not in ("auto", *CLOCKS):
+        raise ValueError(f"clock must be 'auto', 'cpu' or 'wall', got {clock!r}")
+    one_cpu_thread = (threads if threads is not None else torch.get_num_threads()) == 1 and \
+        torch.device(device).type == "cpu"
+    if clock == "auto":
+        clock = "cpu" if one_cpu_thread else "wall"
+    if clock == "cpu" and not one_cpu_thread:
+        raise ValueError("the cpu clock times one thread on the CPU; use clock='wall' for more threads or a GPU")
+    return clock
+
+
 def run_bench(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor | None]],
               settings: list[tuple[str, tuple[Reducer, ...]]], rounds: int = TIMING["rounds"],
               device: str | torch.device = "cpu", num_batches: int | None = None, progress: bool = True,
@@ -248,14 +261,7 @@ def run_bench(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor | None]],
         raise ValueError(f"rounds must be >= 1 and warmup >= 0, got {rounds} and {warmup}")
     if threads is not None and threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
-    if clock not in ("auto", *CLOCKS):
-        raise ValueError(f"clock must be 'auto', 'cpu' or 'wall', got {clock!r}")
-    one_cpu_thread = (threads if threads is not None else torch.get_num_threads()) == 1 and \
-        torch.device(device).type == "cpu"
-    if clock == "auto":
-        clock = "cpu" if one_cpu_thread else "wall"
-    if clock == "cpu" and not one_cpu_thread:
-        raise ValueError("the cpu clock times one thread on the CPU; use clock='wall' for more threads or a GPU")
+    clock = resolve_clock(clock, threads, device)
     evaluation = evaluate(model, batches, settings, device=device, num_batches=num_batches, progress=progress)
     runs, full, timing_batch = evaluation.runs, evaluation.full, evaluation.first_batch
 
@@ -340,10 +346,9 @@ def load_model_and_data(args):
         return (model, batches, math.ceil(len(images) / args.batch_size),
                 {"model": "tokred reference ViT (digits)", "data": "reference digits held-out split"}, notes)
 
-    import timm
     from timm.data import create_transform, resolve_data_config
 
-    model = timm.create_model(args.model, pretrained=args.pretrained).eval()
+    model = checks.timm_model(args.model, args.pretrained)
     if not args.pretrained:
         notes.append(f"{args.model} has random weights (pass --pretrained to download trained ones)")
     config = resolve_data_config({}, model=model)
@@ -414,9 +419,9 @@ def plot(report: dict, path: Path) -> None:
 
 
 # command line -------------------------------------------------------------------------------
-def add_model_arguments(parser, checkpoints: bool = False) -> None:
+def add_model_arguments(parser, checkpoints: bool = False, limit: str = "maximum number of images") -> None:
     """The model and data options shared by ``tokred bench`` and ``tokred sweep`` (``checkpoints``:
-    ``--model`` also takes a Hugging Face VLM checkpoint folder)."""
+    ``--model`` also takes a Hugging Face VLM checkpoint folder; ``limit``: the help of ``--limit``)."""
     parser.add_argument("--model", default=None,
                         help="timm ViT name" + (" or a Hugging Face VLM checkpoint folder (config.json, weights, "
                                                 "processor)" if checkpoints else "")
@@ -425,9 +430,9 @@ def add_model_arguments(parser, checkpoints: bool = False) -> None:
                         help="download pretrained weights for --model (nothing is downloaded without it)")
     parser.add_argument("--data", type=Path, default=None,
                         help="ImageFolder directory (e.g. ImageNet val) evaluated with the model's timm transform")
-    parser.add_argument("--limit", type=int, default=None, help="maximum number of images")
+    parser.add_argument("--limit", type=int, default=None, help=limit)
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1, mps (default cpu)")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers for --data")
 
 
@@ -437,6 +442,8 @@ def check_model_arguments(args) -> None:
         raise ValueError(f"--limit must be >= 1, got {args.limit}")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    checks.device(args.device)
+    checks.model(args.model)
 
 
 def versions() -> dict[str, str]:
@@ -449,7 +456,9 @@ def versions() -> dict[str, str]:
 
 
 def add_arguments(parser) -> None:
-    add_model_arguments(parser, checkpoints=True)
+    add_model_arguments(parser, checkpoints=True,
+                        limit="maximum number of images; for a VLM checkpoint, of prompts (with its questions.jsonl: "
+                              f"questions per question family, default {vlm.PER_FAMILY})")
     parser.add_argument("--reducers", default=None,
                         help=f"comma-separated reducer specs, any registered reducer (default: {DEFAULT_REDUCERS}; "
                              f"for a VLM checkpoint {vlm.DEFAULT_REDUCERS}); e.g. "
@@ -479,19 +488,16 @@ def add_arguments(parser) -> None:
 
 def main(args) -> int:
     check_model_arguments(args)
-    if vlm.is_checkpoint(args.model):
-        return vlm.main(args, parse_reducers)
-    if args.model is not None and Path(args.model).expanduser().exists():
-        raise ValueError(f"--model {args.model}: not a timm model name, and not a Hugging Face checkpoint folder "
-                         "(a folder with config.json)")
-    if args.image is not None or args.prompts is not None or args.max_new_tokens is not None:
-        raise ValueError("--image, --prompts and --max-new-tokens are for a VLM checkpoint as --model (the reference "
-                         "model and timm models run on their data)")
-    args.reducers = args.reducers or DEFAULT_REDUCERS
     if args.threads < 0:
         raise ValueError(f"--threads must be >= 1, or 0 for torch's own setting, got {args.threads}")
     if args.rounds < 1:
         raise ValueError(f"--rounds must be >= 1, got {args.rounds}")
+    if vlm.is_checkpoint(args.model):
+        return vlm.main(args, parse_reducers)
+    if args.image is not None or args.prompts is not None or args.max_new_tokens is not None:
+        raise ValueError("--image, --prompts and --max-new-tokens are for a VLM checkpoint as --model (the reference "
+                         "model and timm models run on their data)")
+    args.reducers = args.reducers or DEFAULT_REDUCERS
     settings = parse_reducers(args.reducers)
     model, batches, num_batches, described, notes = load_model_and_data(args)
     for note in notes:

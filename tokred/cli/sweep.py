@@ -242,7 +242,7 @@ def publish(readme: Path, markdown: str, plot_path: Path, image: str = README_IM
 
 
 # command line ------------------------------------------------------------------------------
-def vlm_settings(args, model) -> list[tuple[str, str, float | None]]:
+def vlm_settings(args, config) -> list[tuple[str, str, float | None]]:
     """[(family, spec, keep)] of a VLM sweep: ``--specs`` as given, or the default sweep at ``--keeps``."""
     if args.max_new_tokens < 1 or args.rounds < 1:
         raise ValueError(f"--max-new-tokens and --rounds must be >= 1, got {args.max_new_tokens}, {args.rounds}")
@@ -257,11 +257,13 @@ def vlm_settings(args, model) -> list[tuple[str, str, float | None]]:
     if not all(0 < k <= 1 for k in keeps):
         raise ValueError(f"--keeps must lie in (0, 1], got {keeps}")
     names = None if args.reducers is None else [n.strip() for n in args.reducers.split(",")]
-    return vlm_sweep.default_settings(keeps, names, vlm_sweep.tower_shape(model))
+    return vlm_sweep.default_settings(keeps, names, vlm_sweep.tower_shape(config))
 
 
 def add_arguments(parser) -> None:
-    bench.add_model_arguments(parser, checkpoints=True)
+    bench.add_model_arguments(parser, checkpoints=True,
+                              limit="maximum number of images; for a VLM checkpoint, questions per question family "
+                                    "(the first ones of each family in the question file)")
     parser.add_argument("--reducers", default=None,
                         help=f"comma-separated families of the default sweep (default: every registered one "
                              f"of {', '.join(SWEEPS)}; for a VLM checkpoint {', '.join(vlm_sweep.VLM_SWEEPS)} at the "

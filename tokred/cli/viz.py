@@ -43,13 +43,13 @@ def _reference_input(args):
     import torch
     from PIL import Image
 
+    from tokred.cli import checks
     from tokred.reference import load_reference_config, load_reference_data, normalise
 
     config = load_reference_config()
     norm, size = config["normalisation"], config["input_size"][-1]
     if args.image is not None:
-        with Image.open(args.image) as picture:
-            grey = np.asarray(picture.convert("L").resize((size, size), Image.BICUBIC), dtype=np.float32) / 255
+        grey = np.asarray(checks.image(args.image, "L").resize((size, size), Image.BICUBIC), dtype=np.float32) / 255
         unit = torch.from_numpy(grey)[None]
         return normalise(unit, norm["mean"], norm["std"])[None], unit, f"{args.image} (grey, {size}x{size})"
     images, labels = load_reference_data()
@@ -66,11 +66,12 @@ def _timm_input(model, path: Path):
     from PIL import Image
     from timm.data import resolve_data_config
 
+    from tokred.cli import checks
+
     config = resolve_data_config({}, model=model)
     channels, height, width = config["input_size"]
-    with Image.open(path) as picture:
-        picture = picture.convert("RGB" if channels == 3 else "L").resize((width, height), Image.BICUBIC)
-        pixels = torch.from_numpy(np.asarray(picture, dtype=np.float32).copy()) / 255
+    picture = checks.image(path, "RGB" if channels == 3 else "L").resize((width, height), Image.BICUBIC)
+    pixels = torch.from_numpy(np.asarray(picture, dtype=np.float32).copy()) / 255
     unit = pixels.permute(2, 0, 1) if pixels.dim() == 3 else pixels[None]
     mean = torch.tensor(config["mean"][:channels]).view(-1, 1, 1)
     std = torch.tensor(config["std"][:channels]).view(-1, 1, 1)
@@ -101,11 +102,12 @@ def main(args) -> int:
     import tokred
     from tokred import viz
 
-    from tokred.cli import vlm
+    from tokred.cli import checks, vlm
 
     if vlm.is_checkpoint(args.model):
         raise ValueError("tokred viz draws vision-tower merges of timm ViTs; a VLM checkpoint is not supported yet "
                          "(use tokred bench --model DIR for its FLOPs and answer agreement)")
+    checks.model(args.model)
     if args.pretrained and args.model is None:
         raise ValueError("--pretrained needs --model (the embedded reference model is always trained)")
     if args.index is not None and args.model is not None:
@@ -117,8 +119,8 @@ def main(args) -> int:
     spec = args.reducer or (REFERENCE_REDUCER if args.model is None else TIMM_REDUCER)
     reducers = tokred.parse_spec(spec)
     layers = parse_layers(args.layers)
-    if args.image is not None and not args.image.is_file():
-        raise FileNotFoundError(f"image {args.image} not found")
+    if args.image is not None:
+        checks.image(args.image)  # missing or not an image: say so before the model loads
 
     if args.model is None:
         from tokred.reference import load_reference_model
@@ -127,10 +129,8 @@ def main(args) -> int:
         batch, display, described = _reference_input(args)
         name = "tokred reference ViT (digits)"
     else:
-        import timm
-
         torch.manual_seed(0)
-        model = timm.create_model(args.model, pretrained=args.pretrained).eval()
+        model = checks.timm_model(args.model, args.pretrained)
         batch, display, described = _timm_input(model, args.image or _default_image())
         name = args.model + ("" if args.pretrained else " (random weights: merges are not meaningful)")
 

@@ -111,6 +111,19 @@ def read_questions(path: Path) -> list[Question]:
     return questions
 
 
+def per_family(questions: list[Question], limit: int | None) -> list[Question]:
+    """The first ``limit`` questions of each family (all with None), in the file's order."""
+    if limit is None:
+        return list(questions)
+    seen: dict[str, int] = {}
+    kept = []
+    for question in questions:
+        seen[question.family] = seen.get(question.family, 0) + 1
+        if seen[question.family] <= limit:
+            kept.append(question)
+    return kept
+
+
 def normalise(text: str) -> str:
     return " ".join(text.lower().split()).removesuffix(".").strip()
 
@@ -142,11 +155,11 @@ def wilson(k: float, n: int, z: float = 1.96) -> tuple[float, float]:
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-def tower_shape(model) -> tuple[int, int] | None:
-    """(patch tokens, tower blocks whose output the projector sees) of a LLaVA-style model with a square
-    single-resolution tower and one feature layer; None otherwise (no vision-stage row then)."""
-    vision = getattr(model.config, "vision_config", None)
-    layer = getattr(model.config, "vision_feature_layer", None)
+def tower_shape(config) -> tuple[int, int] | None:
+    """(patch tokens, tower blocks whose output the projector sees) of a LLaVA-style model's ``config``
+    with a square single-resolution tower and one feature layer; None otherwise (no vision-stage row then)."""
+    vision = getattr(config, "vision_config", None)
+    layer = getattr(config, "vision_feature_layer", None)
     if vision is None or not isinstance(layer, int) or not hasattr(vision, "patch_size"):
         return None
     blocks = vision.num_hidden_layers + 1 + layer if layer < 0 else layer
@@ -177,17 +190,22 @@ def default_settings(keeps=KEEPS, names=None, tower: tuple[int, int] | None = No
 def _load_image(item):
     from PIL import Image
 
-    if isinstance(item, Image.Image):
-        return item.convert("RGB")
-    with Image.open(item) as image:
-        return image.convert("RGB")
+    from tokred.cli import checks
+
+    return item.convert("RGB") if isinstance(item, Image.Image) else checks.image(item, option="image")
+
+
+def prompt_text(processor, question: Question) -> str:
+    """The text the model reads for ``question``: its ``prompt`` as written, or its ``question`` in the
+    processor's chat template (:func:`tokred.cli.vlm.prompts`)."""
+    from tokred.cli import vlm
+
+    return question.prompt if question.prompt is not None else vlm.prompts(processor, [question.question])[0]
 
 
 def model_inputs(processor, questions: list[Question], device="cpu") -> dict:
     """One left-padded batch of processor inputs for ``questions``, on ``device``."""
-    from tokred.cli import vlm
-
-    texts = [q.prompt if q.prompt is not None else vlm.prompts(processor, [q.question])[0] for q in questions]
+    texts = [prompt_text(processor, q) for q in questions]
     images = [_load_image(i) for q in questions for i in q.images]
     videos = [[_load_image(f) for f in q.frames] for q in questions if q.frames]
     kwargs = {"images": images} if images else {}
@@ -210,9 +228,9 @@ def generate(model, processor, inputs: dict, max_new_tokens: int) -> list[str]:
     return processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
-def prefill_seconds(model, inputs: dict, settings, rounds: int) -> list[float]:
+def prefill_seconds(model, inputs: dict, settings, rounds: int, clock=time.perf_counter) -> list[float]:
     """Median prefill time of ``inputs`` per setting, the settings interleaved in every round (one
-    untimed warm-up round first)."""
+    untimed warm-up round first); ``clock`` reads the time."""
     import torch
 
     import tokred
@@ -221,9 +239,9 @@ def prefill_seconds(model, inputs: dict, settings, rounds: int) -> list[float]:
     for round_ in range(rounds + 1):
         for i, (_, reducers) in enumerate(settings):
             with tokred.applied(model, *reducers), torch.inference_mode():
-                start = time.perf_counter()
+                start = clock()
                 model(**inputs)
-                elapsed = time.perf_counter() - start
+                elapsed = clock() - start
             if round_:
                 times[i].append(elapsed)
     return [statistics.median(t) for t in times]
@@ -416,19 +434,24 @@ def write_report(report: dict, out: Path, names: tuple[str, str, str], header: s
 
 # command line ------------------------------------------------------------------------------------
 def main(args, settings_of) -> int:
-    """``tokred sweep --model DIR``; ``settings_of(args, model)`` gives [(family, spec, keep)]."""
+    """``tokred sweep --model DIR``; ``settings_of(args, config)`` gives [(family, spec, keep)] for the
+    checkpoint's config. The question file and the specs are checked before the model loads."""
     import tokred
-    from tokred.cli import bench, sweep, vlm
+    from tokred.cli import bench, checks, require, sweep, vlm
 
-    model, processor = vlm.load(Path(args.model))
-    model.to(args.device)
-    settings = settings_of(args, model)
-    path = args.questions or Path(args.model) / "questions.jsonl"
-    if not Path(path).is_file():
+    require("transformers", "a Hugging Face checkpoint as --model")
+    from transformers import AutoConfig
+
+    if args.questions is None and not (Path(args.model) / "questions.jsonl").is_file():
         raise FileNotFoundError(f"{args.model} ships no questions.jsonl: pass --questions FILE.jsonl "
                                 "(format: tokred sweep --help)")
-    questions = read_questions(path)[:args.limit]
+    path = args.questions or Path(args.model) / "questions.jsonl"
+    questions = per_family(read_questions(path), args.limit)
+    device = checks.device(args.device)
+    settings = settings_of(args, AutoConfig.from_pretrained(args.model, local_files_only=True))
     parsed = [(family, spec, keep, tuple(tokred.parse_spec(spec))) for family, spec, keep in settings]
+    model, processor = vlm.load(Path(args.model))
+    model.to(device)
     report = run(model, processor, questions, parsed, batch_size=args.batch_size,
                  max_new_tokens=args.max_new_tokens, rounds=args.rounds, progress=not args.no_progress)
     report["settings"] = {"model": str(args.model), "model_class": type(model).__name__, "questions": str(path),
