@@ -9,9 +9,9 @@ per-round ratios, with their quartiles), top-1 accuracy when labels exist, and a
 full model's predictions.
 
 With a Hugging Face vision-language checkpoint folder as ``--model`` (a LLaVA or Qwen2-VL family
-model saved with its processor) it runs the reducer specs on a few generated prompts about one
-image instead and reports prefill FLOPs ratios and agreement with the full model's answers
-(:mod:`tokred.cli.vlm`).
+model saved with its processor) it runs the reducer specs on the folder's questions.jsonl when it
+ships one, else on a few prompts about one image, and reports prefill FLOPs and time ratios and
+agreement with the full model's answers (:mod:`tokred.cli.vlm`).
 """
 from __future__ import annotations
 
@@ -478,10 +478,12 @@ def add_arguments(parser) -> None:
                              "(default auto: cpu for one thread on the CPU, else wall)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     parser.add_argument("--image", type=Path, default=None,
-                        help="VLM checkpoint only: the image the generated prompts ask about (default: the sample photo)")
+                        help="VLM checkpoint only: the image the prompts ask about (default: the sample photo; "
+                             "given, the folder's questions.jsonl is not used)")
     parser.add_argument("--prompts", type=Path, default=None,
-                        help="VLM checkpoint only: a text file of questions about --image, one per line "
-                             "(default: a few generic questions, tokred.cli.vlm.QUESTIONS)")
+                        help="VLM checkpoint only: a text file of prompts about --image, one per line, used as written "
+                             "when they hold the image token, else put in the chat template (default: the folder's "
+                             "questions.jsonl, else a few generic questions, tokred.cli.vlm.QUESTIONS)")
     parser.add_argument("--max-new-tokens", type=int, default=None,
                         help=f"VLM checkpoint only: greedy answer length (default {vlm.MAX_NEW_TOKENS})")
 
