@@ -99,10 +99,6 @@ class LlavaAdapter(VisionLanguageAdapter):
                                  f"{name} has none: use a reducer that needs no tower attention (DivPrune, Random)")
             self.attention_layer = self.tower.layers[layer % (len(self.tower.layers) + 1) - 1]
         self.projector = base.multi_modal_projector
-        # per tower run of the current prompt: [its trace, the rows its projector ran on]; tower-attention FLOPs
-        self.encodings: list[list] = []
-        self.tower_attention_flops = 0
-        self._encodings_used = False  # the last prefill used them: the next tower run starts a new prompt
         self._hooks: list = []
 
     # patching -------------------------------------------------------------------------------------
@@ -118,26 +114,26 @@ class LlavaAdapter(VisionLanguageAdapter):
         self._hooks = []
         super().unpatch()
 
+    # an encoder call's runs (:class:`~tokred.adapters.vlm.Encoding`): [the tower's trace, the rows its projector ran on]
     def _tower_done(self, trace: Trace) -> None:
-        if self._encodings_used:
-            self.encodings, self.tower_attention_flops, self._encodings_used = [], 0, False
-        self.encodings.append([trace, 0])
-        self.vision_trace = trace
+        if self.encoding is not None:
+            self.encoding.runs.append([trace, 0])
 
     def _projected(self, module, args, output) -> None:
-        if self.encodings:
-            self.encodings[-1][1] = args[0].shape[:-1].numel()
+        if self.encoding is not None and self.encoding.runs:
+            self.encoding.runs[-1][1] = args[0].shape[:-1].numel()
 
-    def _finish_trace(self, *args, **kwargs) -> None:
-        super()._finish_trace(*args, **kwargs)
-        self._encodings_used = True
+    def _vision_trace(self, encodings) -> Trace | None:
+        runs = [run for encoding in encodings for run in encoding.runs]
+        return runs[-1][0] if runs else None
 
     def tower_attention(self, hidden: Tensor) -> Tensor:
         """(B, N) mean attention each token receives in the tower's last used layer (averaged over
         heads and over every query row), from that layer's input ``hidden`` (B, N, C): its queries
         and keys are recomputed (``layer_norm1``, ``q_proj``, ``k_proj``) and the softmax is taken
         over chunks of queries (:meth:`~tokred.signals.Heads.received`), so the tower keeps its
-        fused attention and no N x N matrix exists. Adds the recomputation to ``tower_attention_flops``.
+        fused attention and no N x N matrix exists. Adds the recomputation to the open encoding's
+        ``attention_flops``.
 
         The one source of the tower-attention signal of the LLaVA family (VisionZip, HoliTom)."""
         layer = self.attention_layer
@@ -147,7 +143,7 @@ class LlavaAdapter(VisionLanguageAdapter):
         heads = Heads(attn.q_proj(x).view(shape).transpose(1, 2), attn.k_proj(x).view(shape).transpose(1, 2),
                       attn.scale, None)
         rows = x.shape[0] * x.shape[1]
-        self.tower_attention_flops += linear_flops(attn.q_proj, rows) + linear_flops(attn.k_proj, rows) + heads.flops()
+        self.encoding.attention_flops += linear_flops(attn.q_proj, rows) + linear_flops(attn.k_proj, rows) + heads.flops()
         return heads.received()
 
     def received_attention(self, layer_call: tuple[tuple, dict], call: tuple[tuple, dict]) -> list[Tensor]:
@@ -208,8 +204,8 @@ class LlavaAdapter(VisionLanguageAdapter):
         if "image" in encoded:
             features = list(encoded["image"].pooler_output)
             counts, sources = [f.shape[0] for f in features], [None] * len(features)
-            if self.reducers.get("vision") is not None and self.vision_trace is not None:
-                features, counts, sources = self._surviving_tower_tokens(features)
+            if self.reducers.get("vision") is not None:
+                features, counts, sources = self._surviving_tower_tokens(features, self.encoding_of(encoded, "image"))
             grid = self.image_grid()
             layout = Layout(1, *grid) if grid is not None else None
             items += [VisualItem("image", f, n, layout if layout is not None and f.shape[0] == layout.num_tokens
@@ -233,13 +229,17 @@ class LlavaAdapter(VisionLanguageAdapter):
                            received=None if received is None else received[v])
                 for v, video in enumerate(pooled)]
 
-    def _surviving_tower_tokens(self, features: list[Tensor]) -> tuple[list[Tensor], list[int], list]:
+    def _surviving_tower_tokens(self, features: list[Tensor], encoding) -> tuple[list[Tensor], list[int], list]:
         """With a vision-stage reducer: each image's features cut to the tokens that survived in the
         tower (a batch is padded to its widest image; padding rows are no visual tokens), the
         placeholders each image has (its unreduced token count), and per image the row of its cut
         features covering each unreduced token (``VisualItem.sources``; None if the tower reduced nothing
-        before the feature layer)."""
-        trace, tower_layers = self.vision_trace, len(self.tower.layers)
+        before the feature layer). ``encoding``: the images' :class:`~tokred.adapters.vlm.Encoding`, with the
+        tower's trace."""
+        if encoding is None or not encoding.runs:
+            raise ValueError("with a vision-stage reducer tokred needs the image features encoded by the patched "
+                             "model (pixel_values, or mm_encoder_outputs from its get_image_features)")
+        trace, tower_layers = encoding.runs[-1][0], len(self.tower.layers)
         class_token = int(self.config.vision_feature_select_strategy == "default")
         full = trace.layers[0].tokens_in - class_token
         if len(features) != trace.batch_size:
@@ -262,11 +262,12 @@ class LlavaAdapter(VisionLanguageAdapter):
 
     # FLOPs ------------------------------------------------------------------------------------------
     def add_vision_flops(self, report: FlopsReport) -> None:
-        """Every tower run of the last prompt (its images, its videos) with its projector rows, and the
-        recomputed tower attention."""
-        for trace, rows in self.encodings:
-            self.tower.add_flops(trace, report)
-            report.add("projector", "projector", linear_flops(self.projector, rows))
-        if self.tower_attention_flops:
-            report.add("projector", "tower_attention", self.tower_attention_flops)
+        """Every tower run behind the last prefill's features (its images, its videos) with its projector
+        rows, and the recomputed tower attention."""
+        for encoding in self.encodings:
+            for trace, rows in encoding.runs:
+                self.tower.add_flops(trace, report)
+                report.add("projector", "projector", linear_flops(self.projector, rows))
+            if encoding.attention_flops:
+                report.add("projector", "tower_attention", encoding.attention_flops)
 

@@ -70,10 +70,6 @@ class Qwen2VLAdapter(VisionLanguageAdapter):
             if self._rotate is None:
                 raise CompatibilityError(f"{type(self.visual).__module__} has no apply_rotary_pos_emb_vision, which "
                                          "tokred's tower attention of Qwen2-VL videos uses")
-        self.tower_attention_flops = 0
-        # per vision-encoder call of the current prompt (its images, its videos): (patches, chunk lengths per block)
-        self.vision_runs: list[tuple[int, list[int]]] = []
-        self._runs_used = False  # the last prefill used them: the next encoder call starts a new prompt
         self._hooks: list = []
 
     # patching -------------------------------------------------------------------------------------
@@ -89,17 +85,14 @@ class Qwen2VLAdapter(VisionLanguageAdapter):
         self._hooks = []
         super().unpatch()
 
+    # an encoder call's runs (:class:`~tokred.adapters.vlm.Encoding`): (patches, chunk lengths per block)
     def _vision_starts(self, module, args) -> None:
-        if self._runs_used:
-            self.vision_runs, self.tower_attention_flops, self._runs_used = [], 0, False
-        self.vision_runs.append((int(args[0].shape[0]), []))
-
-    def _finish_trace(self, *args, **kwargs) -> None:
-        super()._finish_trace(*args, **kwargs)
-        self._runs_used = True
+        if self.encoding is not None:
+            self.encoding.runs.append((int(args[0].shape[0]), []))
 
     def _block_starts(self, module, args, kwargs) -> None:
-        self.vision_runs[-1][1].append(kwargs["cu_seqlens"].diff().tolist())
+        if self.encoding is not None and self.encoding.runs:
+            self.encoding.runs[-1][1].append(kwargs["cu_seqlens"].diff().tolist())
 
     def output_class(self) -> type:
         return sys.modules[type(self.model).__module__].MultimodalCausalLMOutputWithPast
@@ -185,8 +178,8 @@ class Qwen2VLAdapter(VisionLanguageAdapter):
         for start, end in zip(bounds, bounds[1:]):
             heads = Heads(q[start:end].transpose(0, 1)[None], k[start:end].transpose(0, 1)[None], attn.scaling, None)
             received.append(heads.received()[0])
-            self.tower_attention_flops += heads.flops()
-        self.tower_attention_flops += 2 * x.shape[0] * width * 2 * width
+            self.encoding.attention_flops += heads.flops()
+        self.encoding.attention_flops += 2 * x.shape[0] * width * 2 * width
         units = torch.cat(received).view(-1, self.merge ** 2).mean(dim=-1)
         if hasattr(self.visual, "fullatt_block_indexes"):  # Qwen2.5-VL: back from window order
             window_index, _ = get_vision_window_index(grid, spatial_merge_size=self.merge,
@@ -211,8 +204,10 @@ class Qwen2VLAdapter(VisionLanguageAdapter):
     # FLOPs ------------------------------------------------------------------------------------------
     def add_vision_flops(self, report: FlopsReport) -> None:
         """The vision encoder (patch embedding, every block with attention over the chunks it really
-        ran — whole images, or 2.5-VL's windows —, MLP) and the patch merger of the last encoding."""
-        for patches, chunks_per_block in self.vision_runs:
+        ran — whole images, or 2.5-VL's windows —, MLP) and the patch merger of each encoder run behind
+        the last prefill's features, and the recomputed tower attention."""
+        runs = [run for encoding in self.encodings for run in encoding.runs]
+        for patches, chunks_per_block in runs:
             embed = self.visual.patch_embed.proj
             report.add("vision", "patch_embed", 2 * patches * embed.weight[0].numel() * embed.out_channels)
             for i, (block, chunks) in enumerate(zip(self.visual.blocks, chunks_per_block)):
@@ -221,5 +216,6 @@ class Qwen2VLAdapter(VisionLanguageAdapter):
                 core = sum(attention_flops(1, attn.num_heads, n, n, head_dim) for n in chunks)
                 report.add("vision", f"block{i}", linear_flops(attn, patches) + core + linear_flops(block.mlp, patches))
             report.add("projector", "merger", linear_flops(self.visual.merger, patches // self.merge ** 2))
-        if self.tower_attention_flops:
-            report.add("projector", "tower_attention", self.tower_attention_flops)
+        attention = sum(encoding.attention_flops for encoding in self.encodings)
+        if attention:
+            report.add("projector", "tower_attention", attention)

@@ -16,12 +16,16 @@ as they are, and ``llm``-stage reducers do not count them as visual tokens eithe
 ``counts_protected`` (HoliTom's inner stage), which may drop or merge them. Items with the same
 token count and layout are planned together (``Reducer.plan_images``); a reducer that
 ``needs_tower_attention`` also gets each token's attention received in the vision tower, where
-the family adapter provides it (videos: :class:`FeaturesWithAttention` and the family's
-``received_attention``).
+the family adapter provides it (:class:`RecordedEncoder` and the family's ``received_attention``).
 
 Whatever a stage removes, the placeholder tokens, attention mask, positions, labels and the KV
 cache follow, sample by sample: samples are left-padded again after pruning, so each sample is
 pruned by its own content alone. When nothing is removed the model's own forward runs, bit for bit.
+
+The trace and FLOPs describe the last prefill (a forward that starts a sequence: with images or
+videos, or text only) and the encoding of the image and video features it used, whoever ran it
+(the forward itself, ``generate`` before the prefill, or the user: each encoder call records what
+it ran on its own output, :class:`Encoding`). Decode steps continuing its cache leave them.
 """
 from __future__ import annotations
 
@@ -99,34 +103,65 @@ class PatchedForward(ModelMethod):
 
 class PatchedGenerate(ModelMethod):
     """The patched model's ``generate``: the model's own, during which the adapter knows the prompt's
-    length (:attr:`VisionLanguageAdapter.generating`: the first prefill's). Without a cache every step
-    re-runs the prompt and the tokens generated so far; reducers then decide on the prompt alone, as
-    in the cached run, so ``generate(use_cache=False)`` gives what ``generate()`` gives."""
+    length (:attr:`VisionLanguageAdapter.generating`: the given ``input_ids``' or, without them, the
+    first prefill's). Reducers then decide on the prompt alone, as in a cached run, also where a
+    forward runs more than the prompt: every step of ``generate(use_cache=False)`` (the prompt and
+    the tokens generated so far) and the prefill of assisted decoding (the prompt and the first
+    drafts)."""
 
     def __call__(self, *args, **kwargs):
-        outer, self.adapter.generating = self.adapter.generating, {}
+        prompt = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
+        known = {"prompt_length": prompt.shape[1]} if isinstance(prompt, Tensor) and prompt.dim() == 2 else {}
+        outer, self.adapter.generating = self.adapter.generating, known
         try:
             return self.original(*args, **kwargs)
         finally:
             self.adapter.generating = outer
 
 
-class FeaturesWithAttention(ModelMethod):
-    """The model's ``get_video_features`` (or ``get_image_features``) that also records, on its
-    output, ``tokred_received``: per item, the attention each of its tokens received in the vision
-    tower's ``adapter.attention_layer`` (:meth:`VisionLanguageAdapter.received_attention`, on that
-    layer's inputs captured while the method runs). Installed on the model only while a reducer
-    needs it; ``generate`` encodes through it before the prefill, a forward through the adapter."""
+@dataclasses.dataclass
+class Encoding:
+    """What the vision encoder ran in one ``get_<modality>_features`` call: the family adapter's
+    record of each encoder run (its FLOPs; LLaVA: the tower's trace), and the FLOPs of the tower
+    attention recomputed for a reducer that ``needs_tower_attention``."""
+
+    runs: list = dataclasses.field(default_factory=list)
+    attention_flops: int = 0
+
+
+class RecordedEncoder(ModelMethod):
+    """The model's ``get_image_features`` / ``get_video_features`` (``original``), recording on its
+    output ``tokred_encoding`` (the :class:`Encoding` the family's hooks fill while it runs, in
+    ``adapter.encoding``; also kept as ``adapter.latest[modality]``) and, for the
+    ``attention_modalities`` when the adapter has an ``attention_layer``, ``tokred_received``: per
+    item, the attention each of its tokens received in that layer
+    (:meth:`VisionLanguageAdapter.received_attention`, on the layer's inputs captured while the
+    method runs). Installed on the model while it is patched; ``generate`` encodes through it before
+    the prefill, a forward through the adapter."""
+
+    @property
+    def modality(self) -> str:
+        return self.original.__name__.removeprefix("get_").removesuffix("_features")
 
     def __call__(self, *args, **kwargs):
-        captured = []
-        hook = self.adapter.attention_layer.register_forward_pre_hook(
-            lambda module, layer_args, layer_kwargs: captured.append((layer_args, layer_kwargs)), with_kwargs=True)
+        adapter, captured, hook = self.adapter, [], None
+        if adapter.attention_layer is not None and self.modality in adapter.attention_modalities:
+            hook = adapter.attention_layer.register_forward_pre_hook(
+                lambda module, layer_args, layer_kwargs: captured.append((layer_args, layer_kwargs)), with_kwargs=True)
+        outer = adapter.encoding
+        adapter.encoding = encoding = outer if outer is not None else Encoding()  # a nested call adds to its caller's
         try:
             out = self.original(*args, **kwargs)
+            if hook is not None:
+                out.tokred_received = adapter.received_attention(captured[-1], (args, kwargs))
         finally:
-            hook.remove()
-        out.tokred_received = self.adapter.received_attention(captured[-1], (args, kwargs))
+            adapter.encoding = outer
+            if hook is not None:
+                hook.remove()
+        if outer is None:
+            adapter.latest[self.modality] = encoding
+            if not isinstance(out, tuple):  # return_dict=False: a tuple, which takes no record
+                out.tokred_encoding = encoding
         return out
 
 
@@ -155,7 +190,10 @@ class VisionLanguageAdapter(Adapter):
         self.config = model.config
         self.vision_trace: Trace | None = None  # the vision stage's trace of the last prefill, if it has one
         self.logit_rows = 0  # rows the LM head ran on in the last prefill
-        #: while ``generate`` runs (:class:`PatchedGenerate`): {"prompt_length": the first prefill's length}
+        self.encoding: Encoding | None = None  # open while an encoder call runs (:class:`RecordedEncoder`)
+        self.encodings: list[Encoding] = []  # the encodings of the features the last prefill used
+        self.latest: dict[str, Encoding] = {}  # per modality, the last encoder call's
+        #: while ``generate`` runs (:class:`PatchedGenerate`): {"prompt_length": the prompt's length}
         self.generating: dict | None = None
 
     # hooks ------------------------------------------------------------------------------------------
@@ -188,23 +226,23 @@ class VisionLanguageAdapter(Adapter):
     def received_attention(self, layer_call: tuple[tuple, dict], call: tuple[tuple, dict]) -> list[Tensor]:
         """Per item of an encoder call ``call`` (its args and kwargs), (n,) the attention each of its
         tokens received in ``attention_layer``, from that layer's inputs ``layer_call``, laid out like
-        the item's features; adds the FLOPs it ran to ``tower_attention_flops``."""
+        the item's features; adds the FLOPs it ran to ``self.encoding.attention_flops``."""
         raise NotImplementedError
 
     # patching -------------------------------------------------------------------------------------
     def patch(self) -> None:
-        if self.attention_layer is not None:
-            base = self.model.model
-            for modality in self.attention_modalities:
-                name = f"get_{modality}_features"
-                setattr(base, name, FeaturesWithAttention(self, getattr(base, name)))
+        base = self.model.model
+        for modality in MODALITIES:
+            name = f"get_{modality}_features"
+            if hasattr(base, name):
+                setattr(base, name, RecordedEncoder(self, getattr(base, name)))
         replace_forward(self.model, PatchedForward(self, self.original_forward))
         self._previous_generate = self.model.__dict__.get("generate")
         self.model.generate = PatchedGenerate(self, self.model.generate)
         self.model._tokred_adapter = self
 
     def unpatch(self) -> None:
-        for modality in self.attention_modalities:
+        for modality in MODALITIES:
             self.model.model.__dict__.pop(f"get_{modality}_features", None)
         restore_forward(self.model)
         if self._previous_generate is None:
@@ -224,10 +262,17 @@ class VisionLanguageAdapter(Adapter):
             "cache", "past_key_values", "use_cache", "return_dict", "prompt_length"})
 
     # forward --------------------------------------------------------------------------------------
-    def forward(self, input_ids: Tensor | None = None, pixel_values: Tensor | None = None,
-                attention_mask: Tensor | None = None, inputs_embeds: Tensor | None = None,
-                labels: Tensor | None = None, use_cache: bool | None = None, logits_to_keep: int | Tensor = 0,
-                prompt_length: int | None = None, **kwargs):
+    def forward(self, *args, return_dict: bool | None = None, **kwargs):
+        """The patched forward; a tuple (``to_tuple()``) with ``return_dict=False``, or with the
+        config's ``return_dict`` False, as the unpatched forward returns."""
+        out = self._forward(*args, **kwargs)
+        as_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
+        return out if as_dict else out.to_tuple()
+
+    def _forward(self, input_ids: Tensor | None = None, pixel_values: Tensor | None = None,
+                 attention_mask: Tensor | None = None, inputs_embeds: Tensor | None = None,
+                 labels: Tensor | None = None, use_cache: bool | None = None, logits_to_keep: int | Tensor = 0,
+                 prompt_length: int | None = None, **kwargs):
         unknown = sorted(set(kwargs) - self.known_keywords)
         if unknown:
             name = type(self.model).__name__
@@ -250,20 +295,37 @@ class VisionLanguageAdapter(Adapter):
                                 self._decode_positions(kwargs.get("position_ids")))
         call = dict(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
                     inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache, logits_to_keep=logits_to_keep,
-                    **kwargs, **{self.cache_keyword: cache})
+                    return_dict=True, **kwargs, **{self.cache_keyword: cache})
         if not visual:  # text only, or a decode step of an unreduced prefill
-            self._check_plain_cache(cache, input_ids if input_ids is not None else inputs_embeds, attention_mask)
-            return self.original_forward(**call)
+            tokens = input_ids if input_ids is not None else inputs_embeds
+            self._check_plain_cache(cache, tokens, attention_mask)
+            starts = cache is None or cache.get_seq_length() == 0
+            out = self.original_forward(**call)
+            if starts:  # a text-only prefill
+                self.logit_rows = out.logits.shape[0] * out.logits.shape[1]
+                self._finish_trace(tokens.shape[0], [(0, tokens.shape[1])], None, {})
+            return out
         if input_ids is None:
             raise ValueError("tokred needs input_ids (to find the image and video placeholders) when pixel values "
                              "are given")
-        if self.generating is not None and prompt_length is None:  # an uncached step re-runs the prompt
+        if self.generating is not None and prompt_length is None:  # the forward may run more than the prompt
             prompt_length = self.generating.setdefault("prompt_length", input_ids.shape[1])
         if pixel_values is not None and "image" not in encoded:
             encoded["image"] = self._encode_images(call)
         if call.get("pixel_values_videos") is not None and "video" not in encoded:
             encoded["video"] = self._encode_videos(call)
         return self._prefill(call, cache, encoded, prompt_length)
+
+    def encoding_of(self, encoded: dict, modality: str) -> Encoding | None:
+        """The encoding behind ``encoded[modality]``: recorded on it or, when the output reached the
+        forward as a copy (accelerate's hooks rebuild it on the way), the last encoder call of that
+        modality's (``generate`` encodes right before the prefill)."""
+        return getattr(encoded[modality], "tokred_encoding", None) or self.latest.get(modality)
+
+    def _encodings(self, encoded: dict) -> list[Encoding]:
+        """The encodings behind the features in ``encoded``, each once."""
+        found = [self.encoding_of(encoded, modality) for modality in encoded]
+        return [e for i, e in enumerate(found) if e is not None and all(e is not f for f in found[:i])]
 
     def _check_plain_cache(self, cache, new_tokens: Tensor | None, attention_mask: Tensor | None) -> None:
         """A call that continues a cache without tokred's bookkeeping must continue an unreduced
@@ -396,7 +458,7 @@ class VisionLanguageAdapter(Adapter):
             projector = self.reducers.get("projector")
             convention = self.scheme.convention(getattr(projector, "positions", None))
             seq, next_position = seq.apply(sequence_plan(keep & valid), convention, next_position, self.scheme)
-        return self._run_language_model(seq, next_position, call, cache, record)
+        return self._run_language_model(seq, next_position, call, cache, record, encoded)
 
     @staticmethod
     def _unmerged(runs: list[tuple[int, Tensor]], items: list[VisualItem], ended: list[Tensor], valid: Tensor,
@@ -421,24 +483,25 @@ class VisionLanguageAdapter(Adapter):
         out = self.original_forward(**{**call, **pixels, "mm_encoder_outputs": encoded})
         batch, length = call["input_ids"].shape
         self.logit_rows = out.logits.shape[0] * out.logits.shape[1]
-        self._finish_trace(batch, [(0, length)], record, {})
+        self._finish_trace(batch, [(0, length)], record, {}, encodings=self._encodings(encoded))
         return out
 
     # the language model ---------------------------------------------------------------------------
     def _run_language_model(self, seq: Sequence, next_position: Tensor, call: dict, cache,
-                            projector_record: LayerRecord):
+                            projector_record: LayerRecord, encoded: dict):
         use_cache = call["use_cache"] if call["use_cache"] is not None else self.config.text_config.use_cache
         cache = cache if cache is not None else self.engine.new_cache()
         run = self.engine.prefill(seq, next_position, cache, keep_cache=use_cache)
         self._after_prefill(run.segments[-1].next_position, run.sequence.valid.sum(dim=1))
-        self._finish_trace(seq.hidden.shape[0], run.lengths, projector_record, run.plans, run.attention_length)
+        self._finish_trace(seq.hidden.shape[0], run.lengths, projector_record, run.plans, run.attention_length,
+                           self._encodings(encoded))
         if run.sequence.size is not None:  # an llm-stage plan merged tokens: what each final token stands for
             self.trace.sizes = run.sequence.size[..., 0]
         labels = call["labels"]
         if labels is not None:
             origin = run.sequence.origin
             labels = torch.where(origin > 0, labels.gather(1, (origin - 1).clamp(min=0)), -100)
-        out = self._output(run.hidden, call["logits_to_keep"], labels, cache if use_cache else None)
+        out = self._output(run.hidden, call["logits_to_keep"], labels, cache if use_cache else None, encoded)
         self.logit_rows = out.logits.shape[0] * out.logits.shape[1]
         return out
 
@@ -456,7 +519,9 @@ class VisionLanguageAdapter(Adapter):
         """The output dataclass the unpatched forward returns."""
         raise NotImplementedError
 
-    def _output(self, hidden: Tensor, logits_to_keep, labels: Tensor | None, cache):
+    def _output(self, hidden: Tensor, logits_to_keep, labels: Tensor | None, cache, encoded: dict | None = None):
+        """The output the unpatched forward returns: its class, its cache field and, after a prefill, the
+        encoder outputs of the images and videos (``image_outputs`` / ``video_outputs``) it has fields for."""
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.model.lm_head(hidden[:, keep, :])
         loss = None
@@ -464,20 +529,27 @@ class VisionLanguageAdapter(Adapter):
             loss = self.model.loss_function(logits=logits, labels=labels,
                                             vocab_size=self.config.text_config.vocab_size)
         output_class = self.output_class()
-        cache_field = "cache" if "cache" in {f.name for f in dataclasses.fields(output_class)} else "past_key_values"
-        return output_class(loss=loss, logits=logits, **{cache_field: cache})
+        fields = {f.name for f in dataclasses.fields(output_class)}
+        cache_field = "cache" if "cache" in fields else "past_key_values"
+        encoders = {f"{m}_outputs": v for m, v in (encoded or {}).items() if f"{m}_outputs" in fields}
+        return output_class(loss=loss, logits=logits, **{cache_field: cache}, **encoders)
 
     # trace and FLOPs --------------------------------------------------------------------------------
-    def _finish_trace(self, batch: int, lengths: list[tuple[int, int]], projector_record: LayerRecord,
-                      plans: dict[int, tuple[int, list[int]]], attention_length: int | None = None) -> None:
-        """The trace of the last prefill; ``plans``: per decoder layer an ``llm``-stage plan acted
-        before, the reducer's FLOPs and the tokens per sample after it; ``attention_length``: the
-        virtual sequence every layer's attention ran on, when VTU ran."""
+    def _finish_trace(self, batch: int, lengths: list[tuple[int, int]], projector_record: LayerRecord | None,
+                      plans: dict[int, tuple[int, list[int]]], attention_length: int | None = None,
+                      encodings: list[Encoding] = ()) -> None:
+        """The trace of the last prefill; ``projector_record``: None for a text-only prompt; ``plans``:
+        per decoder layer an ``llm``-stage plan acted before, the reducer's FLOPs and the tokens per
+        sample after it; ``attention_length``: the virtual sequence every layer's attention ran on,
+        when VTU ran; ``encodings``: of the image and video features it used."""
+        self.encodings = list(encodings)
+        self.vision_trace = self._vision_trace(self.encodings)
         trace = Trace(batch_size=batch, num_prefix=0, grid=None)
         if self.vision_trace is not None:
             trace.layers += self.vision_trace.layers
             trace.notes += self.vision_trace.notes
-        trace.layers.append(projector_record)
+        if projector_record is not None:
+            trace.layers.append(projector_record)
         starts = [start for start, _ in lengths]
         for i in range(len(self.layers)):
             length = lengths[sum(start <= i for start in starts) - 1][1]
@@ -497,8 +569,13 @@ class VisionLanguageAdapter(Adapter):
                           per_token_pair=attention_flops(1, heads, 1, 1, attn.head_dim),
                           per_mlp_token=linear_flops(decoder.mlp, 1))
 
+    def _vision_trace(self, encodings: list[Encoding]) -> Trace | None:
+        """The vision stage's trace among ``encodings``, if the family has one."""
+        return None
+
     def add_vision_flops(self, report: FlopsReport) -> None:
-        """Add the vision encoder's and projector's FLOPs of the last prefill to ``report``."""
+        """Add the FLOPs of ``self.encodings`` (the vision encoder and projector runs behind the last
+        prefill's features, tower attention included) to ``report``."""
         raise NotImplementedError
 
     def flops(self, trace: Trace) -> FlopsReport:

@@ -522,6 +522,23 @@ class LanguageModelEngine:
         return attention, flops
 
     # decode -----------------------------------------------------------------------------------------
+    @staticmethod
+    def _follow_crops(segments: list[Segment], cache) -> None:
+        """Forget, in each segment, the last tokens its layers' cache no longer holds: ``cache.crop(-n)``
+        removes the n newest tokens of every layer (assisted decoding, after rejected drafts), which
+        are the n newest decoded tokens of every segment. A cache holding more tokens than the
+        segments know was extended without tokred (a :class:`CompatibilityError`)."""
+        for segment in segments:
+            cached, known = cache.layers[segment.first].keys.shape[-2], segment.valid.shape[1]
+            if cached > known:
+                raise CompatibilityError(f"decoder layer {segment.first}'s cache holds {cached} tokens where tokred's "
+                                         f"bookkeeping knows {known}: it was extended outside tokred's decode steps")
+            if cached < known:
+                segment.valid = segment.valid[:, :cached]
+                if segment.log_size is not None:
+                    segment.log_size = segment.log_size[:, :cached]
+                segment.next_position = segment.next_position - (known - cached)
+
     def decode(self, segments: list[Segment], hidden: Tensor, attention_mask: Tensor | None, cache,
                positions: Tensor | None = None) -> Tensor:
         """One decode step of ``hidden`` (B, queries, C) new tokens on a cache left by :meth:`prefill`;
@@ -531,6 +548,7 @@ class LanguageModelEngine:
         batch, queries = hidden.shape[:2]
         new_valid = (attention_mask[:, -queries:].bool() if attention_mask is not None
                      else torch.ones(batch, queries, dtype=torch.bool, device=hidden.device))
+        self._follow_crops(segments, cache)
         for segment in segments:
             segment.valid = torch.cat([segment.valid, new_valid], dim=1)
             if segment.log_size is not None:
