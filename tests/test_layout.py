@@ -77,7 +77,7 @@ def test_core_imports_no_adapter_and_no_cli_anywhere():
 
 
 #: what the cli may import: the top-level ``tokred`` names and the public modules below
-PUBLIC_MODULES = {"tokred", "tokred.registry", "tokred.viz", "tokred.reference"}
+PUBLIC_MODULES = {"tokred", "tokred.registry", "tokred.viz", "tokred.reference", "tokred.integrations"}
 
 
 def test_cli_imports_only_the_public_api():

@@ -36,6 +36,61 @@ def test_importing_tokred_imports_no_lmms_eval():
     assert out.stdout.strip() == "[]"
 
 
+def results_file(folder: Path, spec: str, accuracy: float, flops: float | None, ratio: float | None) -> Path:
+    """A results file as lmms-eval writes it for a tokred run (the keys tokred report reads; costs optional)."""
+    throughput = {"avg_speed": 3.0}
+    if flops is not None:
+        throughput |= {"avg_tokred/digits/prefill_flops_mean": flops, "avg_tokred/digits/visual_tokens_mean": 16.0,
+                       "avg_tokred/digits/requests": 4.0}
+    if ratio is not None:
+        throughput["avg_tokred/digits/prefill_flops_ratio"] = ratio
+    results = {"results": {"digits": {"alias": "digits", "accuracy,none": accuracy, "accuracy_stderr,none": 0.1}},
+               "higher_is_better": {"digits": {"accuracy": True}}, "throughput": throughput,
+               "config": {"model": "tokred", "model_args": f"pretrained=assets/digits_vlm,reducers={spec}"}}
+    folder.mkdir(parents=True)
+    path = folder / "20261208_000000_results.json"
+    path.write_text(json.dumps(results))
+    return path
+
+
+def test_report_collects_runs_into_one_table_and_plot(tmp_path, capsys):
+    """tokred report on two result folders and a file: one row per run, most FLOPs first, the spec from
+    config.model_args, the costs from throughput; a run without costs shows n/a."""
+    from tokred.cli import main
+
+    results_file(tmp_path / "runs" / "a" / "digits_vlm", "none", 0.5, 2e9, 1.0)
+    results_file(tmp_path / "runs" / "b" / "digits_vlm", "divprune:keep=0.25", 0.25, 1e9, 0.5)
+    other = results_file(tmp_path / "c", "dart:keep=0.5/layer=2", 0.375, None, None)
+    assert main(["report", str(tmp_path / "runs"), str(other), "--out", str(tmp_path / "out")]) == 0
+    table = (tmp_path / "out" / "report.md").read_text()
+    assert table in capsys.readouterr().out
+    assert report_cells(table) == [["none", "digits", "accuracy", "0.5000", "2.0000", "1.000", "16.0", "4", "assets/digits_vlm"],
+                     ["divprune:keep=0.25", "digits", "accuracy", "0.2500", "1.0000", "0.500", "16.0", "4",
+                      "assets/digits_vlm"],
+                     ["dart:keep=0.5/layer=2", "digits", "accuracy", "0.3750", "n/a", "n/a", "n/a", "n/a",
+                      "assets/digits_vlm"]]
+    assert (tmp_path / "out" / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def report_cells(table: str) -> list[list[str]]:
+    """The body cells of a Markdown table."""
+    return [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()[2:]]
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda d: d / "nothere", "no such file or folder"),
+    (lambda d: d, "no lmms-eval results"),
+    (lambda d: (d / "x_results.json").write_text("{}") and d / "x_results.json", "is not an lmms-eval results file"),
+])
+def test_report_refuses_what_is_not_a_run(tmp_path, capsys, make, message):
+    from tokred.cli import main
+
+    with pytest.raises(SystemExit) as error:
+        main(["report", str(make(tmp_path)), "--out", str(tmp_path / "out")])
+    assert error.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 # helpers ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def offline(tmp_path_factory):
@@ -104,15 +159,32 @@ def test_model_args_carry_a_registry_spec(offline):
     ("reducers=divprune:keep=0.25,dart:keep=0.5", r"unknown --model_args.*'dart:keep'.*joined by '\+'"),
     ("reducers=divprune:kept=0.25", "unknown parameter 'kept' for divprune"),
     ("reducers=nosuch:keep=0.25", "unknown reducer 'nosuch'"),
+    ("reducers=fastv", "reducer 'fastv' needs keep"),
     ("dtype=float8", "dtype='float8'; expected one of"),
     ("chat_template=vicuna", "chat_template='vicuna'; expected one of"),
     ("batch_size=0", "batch_size=0; expected a positive integer"),
 ])
 def test_bad_model_args_are_refused_clearly(offline, args, message):
+    """A SystemExit (status 1): lmms-eval's command line catches every Exception of a run and exits 0."""
     from lmms_eval.models import get_model
 
-    with pytest.raises(ValueError, match=message):
+    from tokred.integrations.lmms_eval import ModelArgsError
+
+    with pytest.raises(ModelArgsError, match=message) as error:
         get_model("tokred").create_from_arg_string(f"pretrained={CHECKPOINT},{args}", {"device": "cpu"})
+    assert isinstance(error.value, SystemExit) and error.value.code == str(error.value)
+    assert str(error.value).startswith("tokred model, bad --model_args: ")
+
+
+@needs_lmms
+def test_a_missing_checkpoint_is_refused_clearly(offline, tmp_path):
+    from lmms_eval.models import get_model
+
+    from tokred.integrations.lmms_eval import ModelArgsError
+
+    with pytest.raises(ModelArgsError, match=str(tmp_path / "nothere")):
+        get_model("tokred").create_from_arg_string(f"pretrained={tmp_path / 'nothere'},local_files_only=true",
+                                                   {"device": "cpu"})
 
 
 @needs_lmms
@@ -141,11 +213,12 @@ def test_device_placement():
 def test_cost_summary_by_hand():
     from tokred.integrations.lmms_eval import COST_METRICS, costs, summarise
 
-    records = [{"flops": 10.0, "flops_full": 40.0, "visual": 16, "visual_full": 64},
-               {"flops": 30.0, "flops_full": 40.0, "visual": 32, "visual_full": 64}]
+    records = [{"flops": 10.0, "flops_full": 40.0, "visual": 16, "visual_full": 64, "rank": 0},
+               {"flops": 30.0, "flops_full": 40.0, "visual": 32, "visual_full": 64, "rank": 1}]
     row = summarise(records)
     assert set(row) == set(COST_METRICS)
-    assert row["requests"] == 2 and row["prefill_flops_mean"] == 20 and row["prefill_flops_std"] == 10
+    assert row["requests"] == 2 and row["processes"] == 2 and summarise(records[:1] * 3)["processes"] == 1
+    assert row["prefill_flops_mean"] == 20 and row["prefill_flops_std"] == 10
     assert row["prefill_flops_ratio"] == 0.5 and row["visual_tokens_ratio"] == 0.375
     assert row["visual_tokens_mean"] == 24 and row["visual_tokens_std"] == 8 and row["visual_tokens_full"] == 64
     unmeasured = summarise([{**r, "flops_full": None} for r in records])  # measure_full=false
@@ -323,35 +396,44 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def lmms_eval_command(out: Path, model_args: str, tasks: str, processes: int = 1, limit: int = 4) -> list[str]:
+    """The lmms-eval command line on the local tasks; ``processes`` > 1: under ``accelerate launch --multi_gpu``,
+    the form that starts that many ranks on a CPU machine too (``--cpu`` starts one)."""
+    launcher = [sys.executable, "-m", "lmms_eval"]
+    if processes > 1:
+        launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+                    str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                    "--main_process_port", str(free_port()), "-m", "lmms_eval"]
+    return [*launcher, "--model", "tokred", "--model_args", model_args, "--tasks", tasks, "--include_path", str(TASKS),
+            "--device", "cpu", "--batch_size", "4", "--limit", str(limit), "--output_path", str(out)]
+
+
+def lmms_env(tmp_path: Path) -> dict[str, str]:
+    return {**os.environ, **OFFLINE, "HF_HOME": str(tmp_path / "hf"), "OMP_NUM_THREADS": "1"}
+
+
 @needs_lmms
 def test_command_line_offline_writes_scores_and_cost(tmp_path):
-    """The lmms-eval command on the local tasks with no reducer and two specs, one of them sharded over two
-    processes by accelerate launch (data parallel on CPU): the results files hold the accuracy tokred sweep
-    gives on the same questions and the FLOPs ratio (the CLI exits 0 even when the evaluation fails, so the
-    results file is what is checked)."""
+    """The lmms-eval command on the local tasks with no reducer and two specs, one of them also sharded over
+    two processes (data parallel on CPU): the results files hold the accuracy tokred sweep gives on the same
+    questions and the FLOPs ratio; the two ranks really ran (each answered its share) and their merged
+    results equal the one-process run's."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from tokred.integrations.lmms_eval import costs
 
-    env = {**os.environ, **OFFLINE, "HF_HOME": str(tmp_path / "hf"), "OMP_NUM_THREADS": "1"}
-    limit = 4
+    limit, tasks = 4, "tokred_digits_describe,tokred_digits_describe_mc"
     runs = {}
-    for spec in SPECS:
-        out = tmp_path / spec.replace(":", "_").replace("/", "_").replace("=", "")
-        launcher = [sys.executable, "-m", "lmms_eval"]
-        if spec == SPECS[1]:
-            launcher = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
-                        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-                        "-m", "lmms_eval"]
-        command = [*launcher, "--model", "tokred", "--model_args", f"pretrained={CHECKPOINT},reducers={spec}",
-                   "--tasks", "tokred_digits_describe,tokred_digits_describe_mc", "--include_path", str(TASKS),
-                   "--device", "cpu", "--batch_size", "4", "--limit", str(limit), "--output_path", str(out)]
-        runs[spec] = (out, subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.PIPE,
-                                            stderr=subprocess.STDOUT, text=True))
+    for spec, processes in [*((spec, 1) for spec in SPECS), (SPECS[1], 2)]:
+        out = tmp_path / f"{spec.replace(':', '_').replace('/', '_').replace('=', '')}_x{processes}"
+        command = lmms_eval_command(out, f"pretrained={CHECKPOINT},reducers={spec}", tasks, processes, limit)
+        runs[spec, processes] = (out, subprocess.Popen(command, env=lmms_env(tmp_path), cwd=tmp_path, text=True,
+                                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
     model = AutoModelForImageTextToText.from_pretrained(CHECKPOINT, local_files_only=True).eval()
     processor = AutoProcessor.from_pretrained(CHECKPOINT, local_files_only=True)
     expected = sweep_accuracy(model, processor, ["describe"], SPECS, limit)
-    for spec, (out, process) in runs.items():
+    measured = {}
+    for (spec, processes), (out, process) in runs.items():
         log = process.communicate(timeout=900)[0]
         assert process.returncode == 0, log[-3000:]
         files = list(out.rglob("*_results.json"))
@@ -362,7 +444,36 @@ def test_command_line_offline_writes_scores_and_cost(tmp_path):
         assert accuracy == pytest.approx(expected[spec]["describe"])
         assert 0 <= results["results"]["tokred_digits_describe_mc"]["acc,none"] <= 1
         cost = costs(results)
-        assert cost["tokred_digits_describe"]["requests"] == limit  # both processes' requests
+        assert cost["tokred_digits_describe"]["requests"] == limit  # every process's requests
         assert cost["tokred_digits_describe_mc"]["requests"] == limit * (task_utils().DISTRACTORS + 1)
+        assert {row["processes"] for row in cost.values()} == {processes}  # each process answered its share
+        for rank in range(2):
+            assert (f"Running on rank {rank} " in log) == (rank < processes), log[-3000:]
         ratio = cost["tokred_digits_describe"]["prefill_flops_ratio"]
         assert ratio == 1.0 if spec == "none" else 0 < ratio < 1
+        measured[spec, processes] = results
+    one, two = measured[SPECS[1], 1], measured[SPECS[1], 2]
+    assert two["results"] == one["results"]  # the merged scores are the one-process run's
+    for task, row in costs(one).items():  # and so are the merged costs
+        assert {**costs(two)[task], "processes": 1} == pytest.approx(row)
+    # tokred report on these runs: one row per run with its spec, score and FLOPs ratio
+    from tokred.cli import main
+
+    assert main(["report", *(str(out) for out, _ in runs.values()), "--out", str(tmp_path / "report")]) == 0
+    rows = [r for r in report_cells((tmp_path / "report" / "report.md").read_text())
+            if r[1:3] == ["tokred_digits_describe", "accuracy"]]
+    assert sorted((r[0], r[3], r[5]) for r in rows) == sorted(
+        (spec, f"{results['results']['tokred_digits_describe']['accuracy,none']:.4f}",
+         f"{costs(results)['tokred_digits_describe']['prefill_flops_ratio']:.3f}")
+        for (spec, _), results in measured.items())
+
+
+@needs_lmms
+def test_command_line_fails_on_a_bad_spec(tmp_path):
+    """A bad spec (fastv without keep) stops the lmms-eval command with exit status 1 and the message, before
+    any request, and writes no results (lmms-eval itself exits 0 when a run raises)."""
+    command = lmms_eval_command(tmp_path / "out", f"pretrained={CHECKPOINT},reducers=fastv", "tokred_digits_describe")
+    run = subprocess.run(command, env=lmms_env(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 1, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "tokred model, bad --model_args: bad reducer spec 'fastv': reducer 'fastv' needs keep" in run.stderr
+    assert not list(tmp_path.rglob("*_results.json"))

@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("tokred.cli.bench", "FLOPs, measured speed-up, accuracy and agreement of reducers vs the full model"),
     "sweep": ("tokred.cli.sweep", "top-1 and agreement vs FLOPs ratio for each reducer family over a range of strengths"),
     "viz": ("tokred.cli.viz", "PNG of the merge groups / pruned patches per layer for one image and reducer"),
+    "report": ("tokred.cli.report", "accuracy-vs-FLOPs table and plot of several lmms-eval runs of the tokred model"),
 }
 
 #: top-level module an optional extra provides -> (the PyPI package, the extra that installs it)

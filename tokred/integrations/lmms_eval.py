@@ -27,9 +27,15 @@ with ``batch_size=1`` and whenever the batch's samples are alike. After each cal
 (:data:`COST_METRICS`) goes through lmms-eval's metric log into the results file's ``throughput`` section,
 as ``avg_tokred/<task>/<metric>``; :func:`costs` reads it back.
 
-Several processes (``accelerate launch -m lmms_eval ...``): each process puts the model on its own device
+Several processes (``accelerate launch --multi_gpu --num_processes N -m lmms_eval ...``; on a machine without
+GPUs too, where ``--cpu`` would start one process): each process puts the model on its own device
 (:func:`placement`), lmms-eval gives it its share of the requests, and the cost summary is gathered from
-every process before it is logged (lmms-eval pads a short share with copies of a request: they count too).
+every process before it is logged (lmms-eval pads a short share with copies of a request: they count too);
+``processes`` says how many processes answered a task's requests.
+
+Bad ``--model_args`` (an unknown argument, a bad reducer spec, a checkpoint that does not load, reducers the
+model does not support) raise :class:`ModelArgsError` while the model is built, before any request: a
+``SystemExit``, because lmms-eval's command line catches every ``Exception`` of a run, prints it and exits 0.
 """
 from __future__ import annotations
 
@@ -42,6 +48,7 @@ import torch
 import torch.nn.functional as F
 
 import tokred
+from tokred.integrations import lmms_eval_costs as costs  # the cost summary of a results dict (read back)
 
 try:
     from lmms_eval.api.instance import GenerationResult, TokenCounts
@@ -51,13 +58,18 @@ except ImportError as error:  # lmms-eval missing, or one without the 0.7 model 
                       "pip install 'tokred[lmms]' (lmms-eval>=0.7.3,<0.8)") from None
 
 #: what the plugin reports per task (``avg_tokred/<task>/<metric>`` in the results' ``throughput``)
-COST_METRICS = ("requests", "prefill_flops_mean", "prefill_flops_std", "prefill_flops_ratio",
+COST_METRICS = ("requests", "processes", "prefill_flops_mean", "prefill_flops_std", "prefill_flops_ratio",
                 "visual_tokens_mean", "visual_tokens_std", "visual_tokens_full", "visual_tokens_ratio")
-PREFIX = "avg_tokred/"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 CHAT_TEMPLATES = ("auto", "none")
 #: generation arguments of lmms-eval tasks the plugin uses; others are ignored (named in a warning once)
 GENERATION_KEYS = ("until", "max_new_tokens", "temperature", "top_p", "num_beams", "do_sample")
+
+
+class ModelArgsError(SystemExit):
+    """Bad ``--model_args`` for the tokred model: a ``SystemExit`` whose code is the message (Python prints it
+    and exits with status 1), so that lmms-eval's command line, which catches every ``Exception`` of a run and
+    exits 0, fails visibly."""
 
 
 def _log_metrics():
@@ -85,27 +97,17 @@ def placement(device: str | None, num_processes: int, local_index: int, cuda: bo
     return device
 
 
-def costs(results: dict) -> dict[str, dict[str, float]]:
-    """The plugin's per-task cost summary from lmms-eval's results (the dict ``simple_evaluate`` returns or
-    the ``*_results.json`` the CLI writes): ``{task: {metric: value}}`` with the metrics of :data:`COST_METRICS`."""
-    out: dict[str, dict[str, float]] = defaultdict(dict)
-    for key, value in (results.get("throughput") or {}).items():
-        if key.startswith(PREFIX):
-            task, _, metric = key[len(PREFIX):].rpartition("/")
-            out[task][metric] = value
-    return dict(out)
-
-
 def summarise(records: list[dict]) -> dict[str, float]:
     """One task's :data:`COST_METRICS` from its per-request records (``flops``, ``flops_full``, ``visual``,
-    ``visual_full``): means and population standard deviations per request; ratios of the sums (reduced /
-    unreduced). No ``prefill_flops_ratio`` when the unreduced FLOPs were not measured (``flops_full`` None)."""
+    ``visual_full``, ``rank``): means and population standard deviations per request; ratios of the sums
+    (reduced / unreduced); the number of processes (distinct ranks). No ``prefill_flops_ratio`` when the
+    unreduced FLOPs were not measured (``flops_full`` None)."""
     def std(values):
         return statistics.pstdev(values) if len(values) > 1 else 0.0
 
     flops, visual = [r["flops"] for r in records], [r["visual"] for r in records]
     full_visual = sum(r["visual_full"] for r in records)
-    out = {"requests": len(records), "prefill_flops_mean": statistics.fmean(flops), "prefill_flops_std": std(flops),
+    out = {"requests": len(records), "processes": len({r["rank"] for r in records}), "prefill_flops_mean": statistics.fmean(flops), "prefill_flops_std": std(flops),
            "visual_tokens_mean": statistics.fmean(visual), "visual_tokens_std": std(visual),
            "visual_tokens_full": full_visual / len(records),
            "visual_tokens_ratio": sum(visual) / full_visual if full_visual else 1.0}
@@ -123,7 +125,7 @@ class TokredModel(lmms):
     (``auto``: the processor's, if it has one; ``none``: plain text), ``attn_implementation``,
     ``local_files_only`` and ``measure_full`` (``false``: no unreduced prefill, no ``prefill_flops_ratio``).
     Generation always uses the KV cache, so reducers decide on the prompt alone. ``max_batch_size`` (which
-    lmms-eval's command line may pass) is accepted and unused.
+    lmms-eval's command line may pass) is accepted and unused. Bad arguments raise :class:`ModelArgsError`.
     """
 
     is_simple = True
@@ -133,6 +135,15 @@ class TokredModel(lmms):
                  attn_implementation: str | None = None, local_files_only: bool = False,
                  measure_full: bool = True, **unknown):
         super().__init__()
+        try:
+            self._build(pretrained, reducers, device, dtype, batch_size, max_new_tokens, chat_template,
+                        attn_implementation, local_files_only, measure_full, unknown)
+        except (ValueError, TypeError, OSError) as error:
+            raise ModelArgsError(f"tokred model, bad --model_args: {error}") from error
+
+    def _build(self, pretrained, reducers, device, dtype, batch_size, max_new_tokens, chat_template,
+               attn_implementation, local_files_only, measure_full, unknown) -> None:
+        """``__init__``'s work; its ValueError / TypeError / OSError become :class:`ModelArgsError`."""
         if unknown:
             raise ValueError(f"unknown --model_args for the tokred model: {', '.join(map(repr, unknown))}. Known: "
                              "pretrained, reducers, device, dtype, batch_size, max_new_tokens, chat_template, "
@@ -208,7 +219,8 @@ class TokredModel(lmms):
                 full = tokred.flops(self.model, **inputs, logits_to_keep=logits_to_keep).total
         for _ in range(batch):
             self.records[task].append({"flops": flops / batch, "flops_full": None if full is None else full / batch,
-                                       "visual": visual / batch, "visual_full": full_visual / batch})
+                                       "visual": visual / batch, "visual_full": full_visual / batch,
+                                       "rank": self._rank})
 
     def _kept_visual(self, inputs: dict) -> int:
         """Visual tokens of the last prefill that reach the language model's last layer (the batch's sum)."""
