@@ -4,6 +4,9 @@ import math
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
+from tokred.testing import (IMAGE_TOKEN, QWEN_END, QWEN_IMAGE, QWEN_START, QWEN_VIDEO,  # noqa: F401
+                            VIDEO_TOKEN, tiny_onevision, tiny_qwen2_vl)
+
 
 def tiny_vit(**overrides) -> VisionTransformer:
     """A seeded ViT small enough for unit tests: 32x32 images, 4x4 patches, 64 patch tokens."""
@@ -172,7 +175,6 @@ def brute_force_inner_merge(hidden, attention, visual, k):
     return sorted(kept), h
 
 
-IMAGE_TOKEN = 99
 
 
 def tiny_llava(kind: str = "llava", attn: str = "sdpa"):
@@ -247,32 +249,6 @@ def llava_inputs(model, prompts: list[tuple[list[int], list[int]]], seed: int = 
     return dict(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, **extra)
 
 
-VIDEO_TOKEN = 98
-
-
-def tiny_onevision(attn: str = "sdpa"):
-    """A seeded LLaVA-OneVision for video (``specs/holitom.md`` §5): a 2-layer SigLIP tower on 56x56
-    frames with 8x8 patches (a 7 x 7 grid, bilinearly pooled to 4 x 4 = 16 tokens per frame: the odd
-    side exercises the ceiling) and a 4-layer Qwen2 language model (4 heads, 2 KV heads). A video of
-    F frames fills 16F + 1 placeholders (token ``VIDEO_TOKEN``): its tokens, then one ``image_newline``."""
-    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config, SiglipVisionConfig
-
-    torch.manual_seed(0)
-    tower = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                               image_size=56, patch_size=8)
-    text = Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0)
-    config = LlavaOnevisionConfig(vision_config=tower, text_config=text, image_token_id=IMAGE_TOKEN,
-                                  video_token_id=VIDEO_TOKEN, vision_feature_layer=-1,
-                                  vision_feature_select_strategy="full", image_grid_pinpoints=[[56, 56]])
-    for c in (config, config.text_config, config.vision_config):
-        c._attn_implementation = attn
-    model = LlavaOnevisionForConditionalGeneration(config).eval()
-    with torch.no_grad():  # non-trivial norm weights, so that a missing norm would show
-        for module in model.modules():
-            if "Norm" in type(module).__name__ and getattr(module, "weight", None) is not None:
-                torch.nn.init.uniform_(module.weight, 0.5, 1.5)
-    return model
 
 
 def onevision_video_inputs(prompts: list[tuple[list[int], list[int]]], frames: int, seed: int = 0,
@@ -290,38 +266,6 @@ def onevision_video_inputs(prompts: list[tuple[list[int], list[int]]], frames: i
     return dict(input_ids=input_ids, attention_mask=attention_mask, pixel_values_videos=pixel_values_videos)
 
 
-QWEN_IMAGE, QWEN_START, QWEN_END = 90, 92, 93
-
-
-def tiny_qwen2_vl(kind: str = "qwen2_vl"):
-    """A seeded Qwen2-VL (or Qwen2.5-VL, ``kind="qwen2_5_vl"``) with random weights: a 2-block vision
-    encoder (14 px patches, 2 x 2 merge; 2.5-VL with 56 px windows and block 1 full attention) and
-    a 4-layer language model with grouped-query attention and M-RoPE sections (2, 3, 3)."""
-    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
-                              Qwen2VLForConditionalGeneration)
-
-    torch.manual_seed(0)
-    text = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-                rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 3, 3]})
-    ids = dict(image_token_id=QWEN_IMAGE, video_token_id=91, vision_start_token_id=QWEN_START,
-               vision_end_token_id=QWEN_END)
-    if kind == "qwen2_vl":
-        config = Qwen2VLConfig(text_config=text, vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4,
-                                                                    mlp_ratio=2, patch_size=14, spatial_merge_size=2,
-                                                                    temporal_patch_size=2), **ids)
-        model = Qwen2VLForConditionalGeneration(config)
-    else:
-        config = Qwen2_5_VLConfig(text_config=text, vision_config=dict(
-            depth=2, hidden_size=32, out_hidden_size=64, intermediate_size=64, num_heads=4, patch_size=14,
-            spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1]), **ids)
-        model = Qwen2_5_VLForConditionalGeneration(config)
-    model = model.eval()
-    with torch.no_grad():  # non-trivial norm weights, so that a missing norm would show
-        for module in model.modules():
-            if "Norm" in type(module).__name__ and getattr(module, "weight", None) is not None:
-                torch.nn.init.uniform_(module.weight, 0.5, 1.5)
-    return model
 
 
 def qwen_inputs(prompts: list[tuple[list[int], list[int]]], grids: list[list[int]], seed: int = 0) -> dict:
@@ -339,7 +283,6 @@ def qwen_inputs(prompts: list[tuple[list[int], list[int]]], grids: list[list[int
                 mm_token_type_ids=(input_ids == QWEN_IMAGE).int())
 
 
-QWEN_VIDEO = 91
 
 
 def qwen_media_inputs(prompts: list[tuple[list[int], list[int]]], media: list[list[tuple[str, list[int]]]],

@@ -90,35 +90,31 @@ def test_llava_quick_start_runs(tmp_path, monkeypatch):
     assert isinstance(out, torch.Tensor)
 
 
+def standin_code(heading: str, model_class: str) -> str:
+    """The quick start under ``heading`` with its commented stand-in line in place of the two downloads."""
+    code, count = re.subn(rf"model = {model_class}\.from_pretrained\(.*?\)\nprocessor = AutoProcessor\.from_pretrained\(.*?\)\n",
+                          "", snippet(heading), flags=re.S)
+    assert count == 1
+    code, count = re.subn(r"^# (model, processor = tokred\.testing\.\w+\(\))$", r"\1", code, flags=re.M)
+    assert count == 1
+    return code
+
+
 def test_video_quick_start_runs(tmp_path, monkeypatch):
-    """The video quick start with a tiny random LLaVA-OneVision and a stand-in for the processor."""
+    """The video quick start as written, on its offline stand-in (tokred.testing: a tiny random LLaVA-OneVision
+    and a real processor): VisionZip keeps 3 dominant + 1 contextual of each frame's 16 tokens."""
     import torch
 
-    from helpers import onevision_video_inputs, tiny_onevision
+    import tokred
 
-    code = snippet("## Quick start: video (LLaVA-OneVision, Qwen2-VL)")
-    model = tiny_onevision()
-
-    class Processor:
-        def apply_chat_template(self, messages, add_generation_prompt):
-            assert messages[0]["content"][0]["type"] == "video" and add_generation_prompt
-            return "<video>Where does the camera move?"
-
-        def __call__(self, videos, text, return_tensors):
-            assert len(videos) == 1 and len(videos[0]) == 8 and videos[0][0].size == (160, 160)
-            return onevision_video_inputs([([5, 6], [7, 8, 9])], frames=8)
-
-        def decode(self, ids, skip_special_tokens):
-            return " ".join(map(str, ids.tolist()))
-
-    code = re.sub(r"LlavaOnevisionForConditionalGeneration\.from_pretrained\(.*?\)\n", "tiny_model\n", code, flags=re.S)
-    code = re.sub(r"AutoProcessor\.from_pretrained\(.*?\)\n", "Processor()\n", code)
+    code = standin_code("## Quick start: video (LLaVA-OneVision, Qwen2-VL)", "LlavaOnevisionForConditionalGeneration")
     monkeypatch.chdir(tmp_path)  # the photo comes from the package
-    namespace = {"tiny_model": model, "Processor": Processor}
+    namespace = {}
     exec(compile(code, "README.md", "exec"), namespace)
-    out, inputs = namespace["out"], namespace["inputs"]
+    out, inputs, model = namespace["out"], namespace["inputs"], namespace["model"]
     assert isinstance(out, torch.Tensor) and out.shape[1] > inputs["input_ids"].shape[1]
-    llm = __import__("tokred").last_trace(model).tokens("llm")
+    assert inputs["pixel_values_videos"].shape[:2] == (1, 8)
+    llm = tokred.last_trace(model).tokens("llm")
     assert llm[0] == inputs["input_ids"].shape[1] - 8 * (16 - 4)  # per frame: 3 dominant + 1 contextual of 16
 
 
@@ -142,35 +138,22 @@ def test_offline_llava_quick_start_runs(tmp_path, monkeypatch, capsys):
 
 
 def test_qwen2_vl_quick_start_runs(tmp_path, monkeypatch):
-    """The Qwen2-VL quick start with a tiny random Qwen2-VL and a stand-in for the processor."""
+    """The Qwen2-VL quick start as written, on its offline stand-in (tokred.testing: a tiny random Qwen2-VL and
+    a real processor): DivPrune keeps 4 of the image's 16 merged tokens, FastV fewer from layer 2."""
     import torch
 
-    from helpers import qwen_inputs, tiny_qwen2_vl
+    import tokred
 
-    code = snippet("## Quick start: Hugging Face Qwen2-VL / Qwen2.5-VL")
-    model = tiny_qwen2_vl()
-
-    class Processor:
-        def apply_chat_template(self, messages, add_generation_prompt):
-            assert messages[0]["content"][0]["type"] == "image" and add_generation_prompt
-            return "<|vision_start|><|image_pad|><|vision_end|>Describe the picture."
-
-        def __call__(self, images, text, return_tensors):
-            assert len(images) == 1 and "<|image_pad|>" in text[0] and return_tensors == "pt"
-            return qwen_inputs([([5, 6], [7, 8, 9])], [[1, 8, 6]])
-
-        def decode(self, ids, skip_special_tokens):
-            return " ".join(map(str, ids.tolist()))
-
-    code = re.sub(r"Qwen2VLForConditionalGeneration\.from_pretrained\(.*?\)\n", "tiny_model\n", code)
-    code = re.sub(r"AutoProcessor\.from_pretrained\(.*?\)\n", "Processor()\n", code)
+    code = standin_code("## Quick start: Hugging Face Qwen2-VL / Qwen2.5-VL", "Qwen2VLForConditionalGeneration")
     monkeypatch.chdir(tmp_path)  # the photo comes from the package
-    namespace = {"tiny_model": model, "Processor": Processor}
+    namespace = {}
     exec(compile(code, "README.md", "exec"), namespace)
-    out, inputs = namespace["out"], namespace["inputs"]
+    out, inputs, model = namespace["out"], namespace["inputs"], namespace["model"]
     assert isinstance(out, torch.Tensor) and out.shape[1] > inputs["input_ids"].shape[1]
-    llm = __import__("tokred").last_trace(model).tokens("llm")
-    assert llm[2] < llm[1] < inputs["input_ids"].shape[1]
+    image = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    assert image == 16 and "mm_token_type_ids" in inputs
+    llm = tokred.last_trace(model).tokens("llm")
+    assert llm[0] == llm[1] == inputs["input_ids"].shape[1] - 12 and llm[2] < llm[1]
 
 
 def test_open_clip_and_siglip_quick_start_runs(tmp_path, monkeypatch):
@@ -260,3 +243,24 @@ def test_registry_snippet_runs():
         if comment.strip().startswith("'"):
             assert repr(eval(expression, namespace)) == comment.strip()
     assert tokred.reducer("dart", layer=2, keep=0.25) == tokred.DART(keep=0.25, layer=2)
+
+
+def test_reducer_names_and_signatures_are_the_librarys():
+    """The README's list_reducers() names are all of them, and every `tokred.Name(k=v, ...)` of the reducers
+    table states the dataclass's defaults (DivPrune's positions is None, the model's default)."""
+    import ast
+    import dataclasses
+    import math
+
+    import tokred
+
+    text = README.read_text()
+    listed = re.search(r"`tokred\.list_reducers\(\)`: (.*?)\)", text, re.S).group(1)
+    assert re.findall(r"`(\w+)`", listed) == tokred.list_reducers()
+    rows = re.findall(r"^\| `tokred\.(\w+)\((.*?)\)` \|", text, re.M)
+    assert len(rows) >= 18
+    for name, params in rows:
+        defaults = {f.name: f.default for f in dataclasses.fields(getattr(tokred, name))}
+        for keyword in ast.parse(f"f({params})").body[0].value.keywords:
+            value = eval(ast.unparse(keyword.value), {"inf": math.inf})
+            assert defaults[keyword.arg] == value, f"README: {name}({keyword.arg}={value!r}), default {defaults[keyword.arg]!r}"
