@@ -61,7 +61,8 @@ $(LMMS_STAMP): $(STAMP) pyproject.toml
 	$(LMMS_PY) -m pip install -e ".[lmms]" -c $(LMMS_VENV)/constraints.txt
 	touch $(LMMS_STAMP)
 
-# The lmms-eval plugin's tests (tests/test_lmms_eval.py: the CLI on the local digits tasks, the Python API);
+# The lmms-eval plugin's tests (tests/test_lmms_eval.py: the CLI on the local digits tasks, one and two real
+# ranks under accelerate launch --multi_gpu, a bad spec's non-zero exit, tokred report, the Python API);
 # `make test` skips them because $(VENV) has no lmms-eval.
 test-lmms: $(LMMS_STAMP)
 	$(LMMS_PY) $(VERSIONS)
