@@ -95,7 +95,8 @@ def standin_code(heading: str, model_class: str) -> str:
     code, count = re.subn(rf"model = {model_class}\.from_pretrained\(.*?\)\nprocessor = AutoProcessor\.from_pretrained\(.*?\)\n",
                           "", snippet(heading), flags=re.S)
     assert count == 1
-    code, count = re.subn(r"^# (model, processor = tokred\.testing\.\w+\(\))$", r"\1", code, flags=re.M)
+    code, count = re.subn(r"^# (import tokred\.testing; model, processor = tokred\.testing\.\w+\(\))$", r"\1", code,
+                          flags=re.M)
     assert count == 1
     return code
 
