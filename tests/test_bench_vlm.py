@@ -113,7 +113,7 @@ def check_video_run(run: dict, stdout: str) -> None:
         row = rows[f"holitom-{retain:g}"]
         early, kept = row["early"], row["kept"]
         assert 1 < kept < early < n, row
-        assert kept == 1 + round((early - 1) / 2)  # the inner stage keeps half the visual tokens; the newline stays
+        assert kept == round(early / 2)  # the inner stage keeps half its span, the newline included (holitom.md §2)
         assert {f"oracle-{early}", f"oracle-{kept}"} <= set(rows)
         # fewer FLOPs than the unreduced model, more than the oracle on the final count (K layers on `early`)
         assert rows[f"oracle-{kept}"]["flops"]["prefill"] < row["flops"]["prefill"] < none["flops"]["prefill"]
