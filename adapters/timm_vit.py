@@ -19,7 +19,6 @@ from tokred.engine import VisionStage, weight_bias, weighted_mean
 from tokred.signals import Heads
 from tokred.flops import FlopsReport, LayerCosts, add_block_flops, attention_flops, conv_flops, linear_flops
 from tokred.reducers.base import Reducer
-from tokred.reducers.tome import ToMe
 from tokred.trace import Trace
 
 POOLS = ("", "token", "avg", "avgmax", "max", "map")
@@ -185,8 +184,8 @@ class TimmViTAdapter(Adapter):
 
     def weighted_pool(self, x: Tensor, pool_type: str | None, size: Tensor) -> Tensor:
         """The model's pooling with every token weighted by its ``size`` (B, N, 1), the number of
-        patches it stands for; under ToMe, average pooling is timm's plain mean over the tokens left,
-        as the original ToMe pools (ToMe never pads)."""
+        patches it stands for; under a reducer that ``pools_plain_mean`` (ToMe, PiToMe: no padding),
+        average pooling is timm's plain mean over the tokens left, as their references pool."""
         model = self.model
         start = 0 if model.pool_include_prefix else self.num_prefix
         if model.attn_pool is not None:
@@ -194,7 +193,8 @@ class TimmViTAdapter(Adapter):
         pool_type = model.global_pool if pool_type is None else pool_type
         if pool_type in ("token", ""):
             return original_method(model, "pool")(x, pool_type)  # sizes do not matter
-        mean = weighted_mean(x, None if isinstance(self.stage.reducer, ToMe) else size, start)
+        plain = self.stage.reducer is not None and self.stage.reducer.pools_plain_mean
+        mean = weighted_mean(x, None if plain else size, start)
         largest = x[:, start:].masked_fill(size[:, start:] == 0, -torch.inf).amax(dim=1)  # padding never wins
         return {"avg": mean, "avgmax": 0.5 * (largest + mean), "max": largest}[pool_type]
 

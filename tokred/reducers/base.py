@@ -131,6 +131,9 @@ class Reducer:
     #: ``projector`` stage: needs the attention each visual token received in the vision tower
     #: (``plan_images(..., received=...)``); adapters that cannot provide it refuse the reducer
     needs_tower_attention: ClassVar[bool] = False
+    #: ``vision`` stage: the reference runs the model's own head on the merged tokens, so average
+    #: pooling is the plain mean of the tokens left, not weighted by their sizes (ToMe, PiToMe on timm)
+    pools_plain_mean: ClassVar[bool] = False
 
     def __str__(self) -> str:
         """The reducer's text spec (``dart:keep=0.25``, :func:`tokred.registry.to_spec`), so

@@ -103,6 +103,7 @@ class PiToMe(Reducer):
     prop_attn: bool = False
 
     stage = "vision"
+    pools_plain_mean = True
 
     def __post_init__(self):
         check_fraction("keep", self.keep)

@@ -107,6 +107,7 @@ class ToMe(Reducer):
     prop_attn: bool = True
 
     stage = "vision"
+    pools_plain_mean = True
 
     def __post_init__(self):
         check_schedule(self.r)
