@@ -20,7 +20,7 @@ def test_adapters_is_a_subpackage_only(tmp_path):
 DISTRIBUTIONS = {"torch": "torch", "torchvision": "torchvision", "timm": "timm", "PIL": "pillow", "numpy": "numpy",
                  "tqdm": "tqdm", "matplotlib": "matplotlib", "safetensors": "safetensors",
                  "sklearn": "scikit-learn", "transformers": "transformers", "open_clip": "open_clip_torch",
-                 "lmms_eval": "lmms-eval", "accelerate": "accelerate"}
+                 "lmms_eval": "lmms-eval", "accelerate": "accelerate", "tokenizers": "tokenizers"}
 #: extras that `dev` does not hold: tested in a venv of their own (`lmms`: `make test-lmms`)
 SEPARATE_EXTRAS = ("lmms",)
 
@@ -62,15 +62,20 @@ def test_dependencies_are_declared_exactly_as_imported():
     assert core <= needed, f"declared but imported nowhere: {core - needed}"
     optional = set().union(*(reqs for name, reqs in extras.items() if name != "dev"))
     assert needed <= core | optional, f"imported but not declared: {needed - core - optional}"
-    assert extras["sweep"] == {"scikit-learn"} and extras["hf"] == {"transformers"}
+    assert extras["sweep"] == {"scikit-learn"} and extras["hf"] == {"transformers", "tokenizers"}
     assert extras["dev"] >= set().union(*(reqs for name, reqs in extras.items() if name not in ("dev", *SEPARATE_EXTRAS)))
 
 
 def test_every_asset_is_package_data():
+    """assets/ is the package tokred.assets, each of its folders a data package of its own whose files are
+    all package data (the top level lists its files by name)."""
     import tomllib
 
     setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
-    assert setuptools["package-dir"]["tokred.assets"] == "assets" and "tokred.assets" in setuptools["packages"]
-    files = sorted(path.name for path in (REPO / "assets").iterdir() if path.is_file())
-    folders = sorted(f"{path.relative_to(REPO / 'assets')}/*" for path in (REPO / "assets").rglob("*") if path.is_dir())
-    assert sorted(setuptools["package-data"]["tokred.assets"]) == sorted(files + folders)
+    assert setuptools["package-dir"]["tokred.assets"] == "assets"
+    data = setuptools["package-data"]
+    assert sorted(data["tokred.assets"]) == sorted(path.name for path in (REPO / "assets").iterdir() if path.is_file())
+    folders = [path for path in (REPO / "assets").rglob("*") if path.is_dir()]
+    packages = {"tokred.assets." + ".".join(path.relative_to(REPO / "assets").parts) for path in folders}
+    assert packages | {"tokred.assets"} <= set(setuptools["packages"])
+    assert all(data[package] == ["*"] for package in packages)
