@@ -128,6 +128,15 @@ def test_vlms_under_dispatch_model(kind):
     check_under_hooks(plain, hooked, lambda m: m(**inputs).logits, vlm_reducers(kind))
 
 
+@pytest.mark.parametrize("kind", ["qwen2_vl", "qwen2_5_vl"])
+def test_tower_attention_reaches_a_reducer_under_dispatch_model(kind):
+    """The tower attention VisionZip ranks by rides on the encoder's output, which the hooks pass on."""
+    plain = build_vlm(kind)
+    inputs = vlm_inputs(kind, plain)
+    hooked = accelerate.dispatch_model(build_vlm(kind), {"": "cpu"}, force_hooks=True)
+    check_under_hooks(plain, hooked, lambda m: m(**inputs).logits, (tokred.VisionZip(dominant=2, contextual=1),))
+
+
 @pytest.mark.parametrize("kind", ["llava", "qwen2_vl"])
 def test_vlm_loaded_with_a_device_map_generates(kind, tmp_path):
     plain = build_vlm(kind)
