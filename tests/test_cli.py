@@ -101,14 +101,19 @@ def test_bench_runs_reducer_specs_on_a_vlm_checkpoint(checkpoint, tmp_path, caps
     assert "answers agree" in printed and "tome:r=2+divprune:keep=0.5" in printed
 
 
-def test_bench_vlm_prompts_file(checkpoint, tmp_path):
+def test_bench_vlm_prompts_file(checkpoint, tmp_path, capsys):
+    """--prompts: blank lines skipped, --limit lines; a line with the image token is used as written, the
+    others wrapped in the chat layout (issue 24 point 4); the prompts used are printed."""
     questions = tmp_path / "questions.txt"
-    questions.write_text("w5 w6 w7\n\nw8 w9\nw10\n")
+    questions.write_text("<image> w5 w6\n\nw8 w9\nw10\n")
     out = tmp_path / "bench"
-    assert main(["bench", "--model", str(checkpoint), "--prompts", str(questions), "--limit", "2",
+    assert main(["bench", "--model", str(checkpoint), "--prompts", str(questions), "--limit", "2", "--rounds", "1",
                  "--max-new-tokens", "2", "--reducers", "none,divprune:keep=0.5", "--out", str(out)]) == 0
     report = json.loads((out / "bench_vlm.json").read_text())
-    assert [p.split("\n")[-1] for p in report["prompts"]] == ["w5 w6 w7 ASSISTANT:", "w8 w9 ASSISTANT:"]
+    assert report["prompts"][0] == "<image> w5 w6" and report["prompts"][1].endswith("\nw8 w9 ASSISTANT:")
+    assert len(report["prompts"]) == 2
+    printed = capsys.readouterr().out
+    assert f"from the lines of {questions}" in printed and "prompt: '<image> w5 w6'" in printed
 
 
 def test_vlm_options_need_a_checkpoint(capsys, tmp_path):
@@ -179,18 +184,6 @@ def test_a_non_image_for_a_vlm_checkpoint_is_refused_before_it_loads(checkpoint,
 
 
 # tokred bench --model <VLM folder>: prompts and timing options (issue 24 point 4, issue 19 point 6) -----
-def test_bench_vlm_takes_prompts_with_the_image_token_as_written(checkpoint, tmp_path, capsys):
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("<image> w5 w6\nw8 w9\n")
-    out = tmp_path / "bench"
-    assert main(["bench", "--model", str(checkpoint), "--prompts", str(prompts), "--max-new-tokens", "1",
-                 "--rounds", "1", "--reducers", "none", "--out", str(out)]) == 0
-    report = json.loads((out / "bench_vlm.json").read_text())
-    assert report["prompts"][0] == "<image> w5 w6" and report["prompts"][1].endswith("\nw8 w9 ASSISTANT:")
-    printed = capsys.readouterr().out
-    assert f"from the lines of {prompts}" in printed and "prompt: '<image> w5 w6'" in printed
-
-
 def test_bench_vlm_uses_the_folders_questions(tmp_path, capsys):
     """The shipped digits VLM is asked its own questions.jsonl, the first --limit of each family."""
     from tokred.cli import vlm_sweep
