@@ -386,7 +386,7 @@ class VisionLanguageAdapter(Adapter):
             slots = destinations = torch.arange(length, device=stacked.device).expand(len(members), -1)
             in_plan_order = False
             if reducer is not None:
-                record.reducer_flops += reducer.overhead_flops(stacked)
+                record.reducer_flops += reducer.overhead_flops(stacked, layout)
                 extra = {}
                 if reducer.needs_tower_attention:
                     if any(items[i].received is None for i in members):

@@ -161,9 +161,10 @@ class Reducer:
         ``signal`` holds the tokens entering the block (its ``keys`` are not computed yet)."""
         raise NotImplementedError
 
-    def overhead_flops(self, signal: Signal | Tensor | SequenceSignal) -> int:
+    def overhead_flops(self, signal: Signal | Tensor | SequenceSignal, layout: Layout | None = None) -> int:
         """FLOPs of the reducer's own matmuls when it plans on ``signal``: the vision ``Signal``,
-        the projector's features (G, N, C) or the llm ``SequenceSignal``."""
+        the projector's features (G, N, C) with their ``layout`` (as ``plan_images`` gets them) or
+        the llm ``SequenceSignal``."""
         return 0
 
     def plan(self, layer: int, num_layers: int, signal: Signal) -> Plan:

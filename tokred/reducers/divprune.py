@@ -89,6 +89,6 @@ class DivPrune(Reducer):
         counts = kept_counts(self.keep, features)
         return padded_prefixes(greedy_order(features, max(counts)), counts, features.shape[1])
 
-    def overhead_flops(self, features: Tensor) -> int:
+    def overhead_flops(self, features: Tensor, layout: Layout | None = None) -> int:
         images, num_tokens, channels = features.shape
         return images * select_flops(num_tokens, channels)

@@ -157,11 +157,15 @@ class VisionZip(Reducer):
                                dominant, contextual)
         return _per_frame(plan, items, frames, n)
 
-    def overhead_flops(self, features: Tensor) -> int:
-        """0: the tower attention is counted by the adapter (``projector`` stage, ``tower_attention``);
-        the members x targets similarity of each frame (2 (n - dominant - contextual) contextual C
-        FLOPs) depends on the frame size, which this hook does not receive, and is not counted."""
-        return 0
+    def overhead_flops(self, features: Tensor, layout: Layout | None = None) -> int:
+        """Each frame's members x targets similarity, 2 (R - t) t C FLOPs with R = n - dominant
+        and t = min(contextual, R) targets; the tower attention is counted by the adapter
+        (``projector`` stage, ``tower_attention``)."""
+        items, num_tokens, channels = features.shape
+        frames, n = frames_of(layout, num_tokens)
+        rest = n - _count(self.dominant, n, "dominant")
+        targets = min(_count(self.contextual, n, "contextual"), rest)
+        return items * frames * 2 * (rest - targets) * targets * channels
 
 
 # DyCoke's TTM -------------------------------------------------------------------------------------
