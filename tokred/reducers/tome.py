@@ -76,7 +76,8 @@ def bipartite_soft_matching(metric: Tensor, r: int, num_protected: int = 0) -> P
     order = best_score.argsort(dim=-1, descending=True, stable=True)
     merged_a = order[:, :r]
     num_kept_a = num_a - r
-    unmerged_a = a_output_order(best_score, protected).scatter(1, merged_a, num_a).argsort(dim=1)[:, :num_kept_a]
+    # a_output_order's rule on the order at hand: by position with a protected token, else as sorted (descending)
+    unmerged_a = order[:, r:].sort(dim=-1).values if protected else order[:, r:]
     keep = torch.cat([prefix, first_a + 2 * unmerged_a, b_positions], dim=1)
     src = first_a + 2 * merged_a
     dst = protected + num_kept_a + best_b.gather(1, merged_a)
