@@ -107,7 +107,8 @@ def summarise(records: list[dict]) -> dict[str, float]:
 
     flops, visual = [r["flops"] for r in records], [r["visual"] for r in records]
     full_visual = sum(r["visual_full"] for r in records)
-    out = {"requests": len(records), "processes": len({r["rank"] for r in records}), "prefill_flops_mean": statistics.fmean(flops), "prefill_flops_std": std(flops),
+    out = {"requests": len(records), "processes": len({r["rank"] for r in records}),
+           "prefill_flops_mean": statistics.fmean(flops), "prefill_flops_std": std(flops),
            "visual_tokens_mean": statistics.fmean(visual), "visual_tokens_std": std(visual),
            "visual_tokens_full": full_visual / len(records),
            "visual_tokens_ratio": sum(visual) / full_visual if full_visual else 1.0}
